@@ -70,3 +70,99 @@ def ref_cache(tmp_path, monkeypatch):
 
     monkeypatch.setattr(train, "REF_CACHE", tmp_path / "ref_cache")
     return tmp_path / "ref_cache"
+
+
+class ChatServer:
+    """A real HTTP server on loopback serving /v1/chat/completions, with scripted replies and faults.
+
+    `reply(request_json) -> str` makes the answer text. `faults` is a list consumed one per request before
+    normal answers: "429" (with Retry-After), "500", "slow" (sleeps past the client's timeout),
+    "badjson" (a 200 that is not JSON), "nochoices" (a 200 without choices), "drop" (closes the
+    connection unanswered), "401". `delay` sleeps before every answer. Every request is recorded.
+    """
+
+    def __init__(self, reply, faults=(), delay=0.0, slow_seconds=2.0):
+        import http.server
+        import threading
+
+        self.reply, self.faults, self.delay, self.slow_seconds = reply, list(faults), delay, slow_seconds
+        self.requests, self.headers, self.lock = [], [], threading.Lock()
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def send(self, status, body, headers=()):
+                data = body.encode()
+                self.send_response(status)
+                for k, v in headers:
+                    self.send_header(k, v)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_POST(self):
+                import time
+
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with server.lock:
+                    server.requests.append(body)
+                    server.headers.append(dict(self.headers))
+                    fault = server.faults.pop(0) if server.faults else None
+                if self.path != "/v1/chat/completions":
+                    return self.send(404, '{"error": "not found"}')
+                if fault == "429":
+                    return self.send(429, '{"error": "rate limited"}', [("Retry-After", "0.05")])
+                if fault == "500":
+                    return self.send(500, '{"error": "boom"}')
+                if fault == "401":
+                    return self.send(401, '{"error": "invalid api key"}')
+                if fault == "badjson":
+                    return self.send(200, "<html>not json")
+                if fault == "nochoices":
+                    return self.send(200, '{"choices": []}')
+                if fault == "drop":
+                    self.close_connection = True
+                    self.connection.shutdown(2)
+                    return
+                if fault == "slow":
+                    time.sleep(server.slow_seconds)
+                time.sleep(server.delay)
+                content = server.reply(body)
+                self.send(200, json.dumps({"object": "chat.completion", "model": body["model"],
+                                           "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                                                        "finish_reason": "stop"}]}))
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def fixture_rows():
+    """The 20 real gpt-4-0125-preview replies to the CLAIR prompt (../shared/fixtures)."""
+    path = SHARED / "fixtures" / "clair_gpt4_responses.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def replay_reviser(rows):
+    """A server reply function: the real reply whose student answer appears in the request."""
+    def reply(body):
+        text = body["messages"][-1]["content"]
+        for row in rows:
+            if row["student_solution"] in text:
+                return row["response"]["choices"][0]["message"]["content"]
+        return "no fixture matches"
+    return reply

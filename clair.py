@@ -1,0 +1,532 @@
+"""CLAIR revisions and the paper's comparison datasets, over raw HTTP to any OpenAI-compatible endpoint.
+
+    python clair.py sample    --in prompts.jsonl --out samples.jsonl            # y_l = M(x), locally (SmolLM2)
+    python clair.py revise    --in samples.jsonl --out clair.jsonl --base-url URL --model gpt-4-0125-preview
+    python clair.py stronger  --in samples.jsonl --out stronger.jsonl --base-url URL --model gpt-4-0125-preview
+    python clair.py judge     --in samples2.jsonl --out judge.jsonl --base-url URL --model JUDGE  # sample --n 2
+    python clair.py offpolicy --in ultrafeedback.jsonl --out offpolicy.jsonl
+    python clair.py stats     clair.jsonl stronger.jsonl judge.jsonl offpolicy.jsonl
+
+Every request goes to {base-url}/chat/completions with the key from $OPENAI_API_KEY (--api-key-env), which is
+never printed or written. Rows are appended as they finish; a rerun skips ids already in --out (or in its
+.rejects.jsonl), so a crash or kill loses at most the requests in flight.
+"""
+
+import argparse
+import json
+import os
+import random
+import re
+import sys
+import threading
+import time
+from collections import Counter
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from pathlib import Path
+
+import requests
+
+from train import DataError, read_jsonl
+
+# ----------------------------------------------------------------------------- the revision prompt (PAPER.md §1)
+
+# Our wording of the CLAIR prompt's structure; the {identifiers} are the paper's, exactly. [[TASK]] and
+# [[STUDENT_SOLUTION]] are filled in; a --prompt-file must contain both.
+REVISION_PROMPT = """\
+You are a teacher, and a student has answered a task. Improve the student's answer as little as possible.
+You are given the {task} and the {student_solution}. Revise the {student_solution} so that it becomes clearer, \
+more correct and more engaging. Keep, word for word, every part of the student's answer that needs no \
+correction. The {corrected_student_solution} must read as an original answer: never mention or hint that it \
+is a revision or a correction.
+
+{task}: [[TASK]]
+
+{student_solution}: [[STUDENT_SOLUTION]]
+
+-----------------
+
+Begin with your step-by-step reasoning under {teacher_reasoning}, then give the {corrected_student_solution}. \
+Write both identifiers out to structure your answer."""
+
+# Split a reply on the first of these found, in this priority order (the authors' parser's order).
+REVISION_MARKERS = [
+    "**Corrected Student Solution:**", "{corrected_student_solution}:", "{corrected_student_solution}",
+    "**Worsened Student Solution:**", "{worsened_student_solution}:", "{worsened_student_solution}",
+]
+
+JUDGE_PROMPT = """\
+Which of two answers to the user's request below is better: more helpful, correct, clear and honest? \
+Ignore their order and length. Reason briefly, then end with exactly one verdict: [[A]], [[B]] or [[tie]].
+
+[Request]
+[[TASK]]
+
+[Answer A]
+[[A]]
+
+[Answer B]
+[[B]]"""
+
+
+def fill(template, **values):
+    """Replace [[NAME]] placeholders in one pass, so no filled-in text is ever substituted again."""
+    return re.sub(r"\[\[(\w+)\]\]", lambda m: values.get(m.group(1).lower(), m.group(0)), template)
+
+
+def parse_revision(reply):
+    """(rationale, revision) of a reviser's reply, or None when it has no marker or an empty revision."""
+    for marker in REVISION_MARKERS:
+        head, found, tail = reply.partition(marker)
+        if found:
+            revision = tail.strip()
+            rationale = re.sub(r"^\s*\{teacher_reasoning\}\s*:?", "", head).strip()
+            return (rationale, revision) if revision else None
+    return None
+
+
+def parse_verdict(reply):
+    """'A', 'B' or 'tie' from the last [[...]] verdict in a judge's reply; None when there is none."""
+    verdicts = re.findall(r"\[\[(A|B|tie)\]\]", reply, flags=re.IGNORECASE)
+    return verdicts[-1].upper().replace("TIE", "tie") if verdicts else None
+
+
+def prompt_text(prompt):
+    """The task as text: a string prompt, or the chat messages' contents."""
+    return prompt if isinstance(prompt, str) else "\n\n".join(m["content"] for m in prompt)
+
+
+def as_messages(prompt):
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+
+
+# ----------------------------------------------------------------------------- the HTTP client
+
+class FatalRequestError(RuntimeError):
+    """A reply that retrying cannot fix (4xx other than 429)."""
+
+
+class ChatClient:
+    """POST {base_url}/chat/completions with retries: 429, 5xx, timeouts, dropped connections and 200s
+    without valid JSON or choices are retried with exponential backoff and jitter, honouring Retry-After."""
+
+    def __init__(self, base_url, model, api_key_env="OPENAI_API_KEY", timeout=600.0, max_retries=8,
+                 max_backoff=60.0):
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.model, self.api_key_env = model, api_key_env
+        self.timeout, self.max_retries, self.max_backoff = timeout, max_retries, max_backoff
+        key = os.environ.get(api_key_env, "")
+        self._headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self._local = threading.local()  # one requests.Session per thread
+
+    def complete(self, messages, temperature, max_tokens):
+        """The reply text of one chat completion."""
+        body = {"model": self.model, "messages": messages, "temperature": temperature, "max_tokens": max_tokens}
+        if not hasattr(self._local, "session"):
+            self._local.session = requests.Session()
+        session = self._local.session
+        for attempt in range(self.max_retries + 1):
+            wait_s, why = None, None
+            try:
+                r = session.post(self.url, json=body, headers=self._headers, timeout=self.timeout)
+            except (requests.ConnectionError, requests.Timeout) as e:
+                why = type(e).__name__
+            else:
+                if r.status_code == 200:
+                    try:
+                        return r.json()["choices"][0]["message"]["content"]
+                    except (ValueError, KeyError, IndexError, TypeError):
+                        why = "a 200 reply without valid JSON choices"
+                elif r.status_code == 429 or r.status_code >= 500:
+                    why = f"HTTP {r.status_code}"
+                    retry_after = r.headers.get("Retry-After", "")
+                    wait_s = float(retry_after) if retry_after.replace(".", "", 1).isdigit() else None
+                else:
+                    hint = f" (check ${self.api_key_env})" if r.status_code in (401, 403) else ""
+                    raise FatalRequestError(f"{self.url}: HTTP {r.status_code}{hint}: {r.text[:300]}")
+            if attempt == self.max_retries:
+                raise RuntimeError(f"{self.url}: gave up after {attempt + 1} tries; last: {why}")
+            if wait_s is None:
+                wait_s = min(self.max_backoff, 2 ** attempt) * random.uniform(0.5, 1.0)
+            time.sleep(wait_s)
+
+
+# ----------------------------------------------------------------------------- resumable output
+
+def done_ids(path):
+    """Ids already written to `path`; a torn last line (a kill mid-write) is cut off first."""
+    path = Path(path)
+    if not path.exists():
+        return set()
+    data = path.read_bytes()
+    good = data[: data.rfind(b"\n") + 1]
+    ids = set()
+    for line in good.decode("utf-8").splitlines():
+        try:
+            ids.add(json.loads(line)["id"])
+        except (ValueError, KeyError):
+            good = good[: good.find(line.encode("utf-8"))]  # a torn line mid-file: keep what came before
+            break
+    if len(good) != len(data):
+        with open(path, "r+b") as f:
+            f.truncate(len(good))
+    return ids
+
+
+def run_jobs(jobs, work, out, workers, desc):
+    """Run work(job) -> (row, None) | (None, reject) for each (id, job) over a thread pool.
+
+    Rows go to `out`, rejects (dropped, with the reason) to `out`.rejects.jsonl, one flushed line each
+    as it completes. Ids in either file are skipped. Failures (retries exhausted) are counted and left
+    for the next run; a fatal error stops at once.
+    """
+    from tqdm import tqdm
+
+    rejects_path = Path(str(out).removesuffix(".jsonl") + ".rejects.jsonl")
+    skip = done_ids(out) | done_ids(rejects_path)
+    todo = [(i, job) for i, job in jobs if i not in skip]
+    counts = Counter(skipped=len(jobs) - len(todo))
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    with open(out, "a", encoding="utf-8") as rows_file, open(rejects_path, "a", encoding="utf-8") as rejects_file, \
+            ThreadPoolExecutor(workers) as pool, tqdm(total=len(todo), desc=desc, dynamic_ncols=True) as bar:
+        pending, queue = {}, iter(todo)
+        while True:
+            while len(pending) < 2 * workers and (item := next(queue, None)) is not None:
+                pending[pool.submit(work, item[1])] = item[0]
+            if not pending:
+                break
+            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in finished:
+                job_id = pending.pop(future)
+                try:
+                    row, reject = future.result()
+                except FatalRequestError as e:
+                    for f in pending:
+                        f.cancel()
+                    sys.exit(f"error: {e}")
+                except Exception as e:  # retries exhausted or a local failure: left for the next run
+                    counts["failed"] += 1
+                    tqdm.write(f"{job_id}: failed: {e}")
+                else:
+                    target = rows_file if row is not None else rejects_file
+                    target.write(json.dumps({"id": job_id, **(row or reject)}, ensure_ascii=False) + "\n")
+                    target.flush()
+                    counts["done" if row is not None else "dropped"] += 1
+                bar.update()
+                bar.set_postfix(done=counts["done"], failed=counts["failed"], dropped=counts["dropped"],
+                                rps=f"{(counts['done'] + counts['dropped']) / (time.time() - start):.1f}")
+    print(f"{desc}: {counts['done']} written to {out}, {counts['dropped']} dropped to {rejects_path}, "
+          f"{counts['failed']} failed (rerun to retry), {counts['skipped']} already done")
+    return counts
+
+
+# ----------------------------------------------------------------------------- input files
+
+def read_rows(path, required):
+    """Validated (id, row) pairs of a JSONL file: every `required` field present, ids unique.
+
+    `prompt` may be a string or a list of chat messages; other required fields must be strings.
+    """
+    rows, seen = [], {}
+    for number, row in read_jsonl(path):
+        for field in required:
+            value = row.get(field)
+            ok = isinstance(value, str) or (field == "prompt" and isinstance(value, list) and value and all(
+                isinstance(m, dict) and isinstance(m.get("content"), str) for m in value))
+            if not ok:
+                got = "missing" if value is None else f"a {type(value).__name__}"
+                raise DataError(f"{path}:{number}: field '{field}': expected a string"
+                                f"{' or chat messages' if field == 'prompt' else ''}, got {got}")
+        row_id = str(row["id"])
+        if row_id in seen:
+            raise DataError(f"{path}:{number}: field 'id': duplicate id {row_id!r} (first on line {seen[row_id]})")
+        seen[row_id] = number
+        rows.append((row_id, row))
+    return rows
+
+
+# ----------------------------------------------------------------------------- subcommands
+
+def cmd_sample(args):
+    """y = M(x): the target model's own answers, --n per prompt, locally or from an endpoint."""
+    prompts = read_rows(args.inp, ["id", "prompt"])
+    jobs = [(f"{pid}-{k}" if args.n > 1 else pid, (row, k)) for pid, row in prompts for k in range(args.n)]
+
+    def record(row, k, completion, model):
+        out = {"prompt": row["prompt"], "completion": completion, "model": model}
+        return {**out, "prompt_id": str(row["id"]), "sample_index": k} if args.n > 1 else out
+
+    if args.base_url:
+        client = ChatClient(args.base_url, args.model, args.api_key_env, args.timeout, args.max_retries)
+        work = lambda job: (record(*job, client.complete(as_messages(job[0]["prompt"]), args.temperature,
+                                                          args.max_tokens), args.model), None)
+        return run_jobs(jobs, work, args.out, args.workers, "sample")
+    return sample_locally(args, jobs, record)
+
+
+def sample_locally(args, jobs, record):
+    """Batched generation with transformers, the model's chat template, left padding."""
+    import torch
+
+    from train import load_model
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tokenizer, model = load_model(args.model, device)
+    model.eval()
+    tokenizer.padding_side = "left"
+    torch.manual_seed(args.seed)
+
+    def work(batch):
+        texts = [tokenizer.apply_chat_template(as_messages(row["prompt"]), add_generation_prompt=True, tokenize=False)
+                 for _, (row, _) in batch]
+        inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        with torch.no_grad():
+            output = model.generate(**inputs, max_new_tokens=args.max_tokens, do_sample=args.temperature > 0,
+                                    temperature=args.temperature or None, top_p=args.top_p,
+                                    pad_token_id=tokenizer.pad_token_id)
+        answers = tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        return [(job_id, record(row, k, answer.strip(), args.model)) for (job_id, (row, k)), answer in zip(batch, answers)]
+
+    # Resumable like run_jobs: finished ids are skipped, each batch's rows are flushed together.
+    from tqdm import tqdm
+
+    skip = done_ids(args.out)
+    todo = [job for job in jobs if job[0] not in skip]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out, "a", encoding="utf-8") as f:
+        for start in tqdm(range(0, len(todo), args.batch_size), desc="sample"):
+            for job_id, row in work(todo[start:start + args.batch_size]):
+                f.write(json.dumps({"id": job_id, **row}, ensure_ascii=False) + "\n")
+            f.flush()
+    print(f"sample: {len(todo)} answers written to {args.out}, {len(skip)} already done")
+    return Counter(done=len(todo), skipped=len(skip))
+
+
+def cmd_revise(args):
+    """CLAIR: chosen = the reviser's minimal revision of the student answer, rejected = the student answer."""
+    template = Path(args.prompt_file).read_text() if args.prompt_file else REVISION_PROMPT
+    if "[[TASK]]" not in template or "[[STUDENT_SOLUTION]]" not in template:
+        sys.exit(f"error: {args.prompt_file}: the prompt must contain [[TASK]] and [[STUDENT_SOLUTION]]")
+    samples = read_rows(args.inp, ["id", "prompt", "completion"])
+    client = ChatClient(args.base_url, args.model, args.api_key_env, args.timeout, args.max_retries)
+
+    def work(row):
+        request = fill(template, task=prompt_text(row["prompt"]), student_solution=row["completion"])
+        # One user message; the empty system message is the paper's request layout.
+        reply = client.complete([{"role": "system", "content": ""}, {"role": "user", "content": request}],
+                                args.temperature, args.max_tokens)
+        parsed = parse_revision(reply)
+        if parsed is None:
+            return None, {"reason": "no revision marker or an empty revision", "reply": reply}
+        rationale, revision = parsed
+        return {"prompt": row["prompt"], "chosen": revision, "rejected": row["completion"],
+                "rational": rationale, "reviser": args.model}, None
+
+    return run_jobs(samples, work, args.out, args.workers, "revise")
+
+
+def cmd_stronger(args):
+    """Stronger Preferred: chosen = the strong model's own fresh answer, rejected = the student answer."""
+    samples = read_rows(args.inp, ["id", "prompt", "completion"])
+    client = ChatClient(args.base_url, args.model, args.api_key_env, args.timeout, args.max_retries)
+
+    def work(row):
+        answer = client.complete(as_messages(row["prompt"]), args.temperature, args.max_tokens).strip()
+        if not answer:
+            return None, {"reason": "empty answer"}
+        return {"prompt": row["prompt"], "chosen": answer, "rejected": row["completion"], "reviser": args.model}, None
+
+    return run_jobs(samples, work, args.out, args.workers, "stronger")
+
+
+def cmd_judge(args):
+    """On-policy judge (RLAIF): two samples per prompt, judged in both orders; kept only when both agree."""
+    samples = read_rows(args.inp, ["id", "prompt", "completion", "prompt_id"])
+    groups = {}
+    for _, row in samples:
+        groups.setdefault(row["prompt_id"], []).append(row)
+    client = ChatClient(args.base_url, args.model, args.api_key_env, args.timeout, args.max_retries)
+
+    def verdict(task, a, b):
+        reply = client.complete([{"role": "user", "content": fill(JUDGE_PROMPT, task=task, a=a, b=b)}], 0.0,
+                                args.max_tokens)
+        return parse_verdict(reply)
+
+    def work(rows):
+        if len(rows) < 2:
+            return None, {"reason": "fewer than two samples"}
+        first, second = rows[0], rows[1]
+        if first["completion"] == second["completion"]:
+            return None, {"reason": "identical samples"}
+        task = prompt_text(first["prompt"])
+        forward, backward = verdict(task, first["completion"], second["completion"]), \
+            verdict(task, second["completion"], first["completion"])
+        winner = {("A", "B"): first, ("B", "A"): second}.get((forward, backward))
+        if winner is None:
+            reason = "tie" if "tie" in (forward, backward) else "orders disagree or no verdict"
+            return None, {"reason": reason, "verdicts": [forward, backward]}
+        loser = second if winner is first else first
+        return {"prompt": first["prompt"], "chosen": winner["completion"], "rejected": loser["completion"],
+                "judge": args.model}, None
+
+    return run_jobs(list(groups.items()), work, args.out, args.workers, "judge")
+
+
+def cmd_offpolicy(args):
+    """Off-policy judge: the best- against the worst-scored existing completion; ties dropped.
+
+    UltraFeedback layout: `prompt` (or `instruction`) and `completions`, a list of objects with a
+    `response` (or `text`) and an `overall_score` (or `score`).
+    """
+    rows, counts = [], Counter()
+    for number, row in read_jsonl(args.inp):
+        where = f"{args.inp}:{number}"
+        prompt = row.get("prompt", row.get("instruction"))
+        completions = row.get("completions")
+        if not isinstance(prompt, (str, list)) or not isinstance(completions, list):
+            raise DataError(f"{where}: fields 'prompt' (or 'instruction') and 'completions' are required")
+        scored = []
+        for i, c in enumerate(completions):
+            text = c.get("response", c.get("text")) if isinstance(c, dict) else None
+            score = c.get("overall_score", c.get("score")) if isinstance(c, dict) else None
+            if not isinstance(text, str) or not isinstance(score, (int, float)):
+                raise DataError(f"{where}: field 'completions[{i}]': needs a 'response' and a numeric 'overall_score'")
+            scored.append((score, text))
+        scored.sort(key=lambda s: s[0])
+        if len(scored) < 2 or scored[0][0] == scored[-1][0]:
+            counts["tie"] += 1
+            continue
+        rows.append({"id": str(row.get("id", number)), "prompt": prompt, "chosen": scored[-1][1],
+                     "rejected": scored[0][1], "score_chosen": scored[-1][0], "score_rejected": scored[0][0]})
+    with open(args.out, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    print(f"offpolicy: {len(rows)} pairs written to {args.out}, {counts['tie']} ties dropped")
+    return counts
+
+
+# ----------------------------------------------------------------------------- contrastiveness (Table 1)
+
+def levenshtein(a, b):
+    """Exact character edit distance, bit-parallel (Myers 1999, Hyyro 2001): O(len(a) * len(b) / wordsize).
+
+    Python integers serve as bit vectors as wide as `a`; the common prefix and suffix are cut first
+    (minimal revisions share most of their text).
+    """
+    start = 0
+    while start < min(len(a), len(b)) and a[start] == b[start]:
+        start += 1
+    end = 0
+    while end < min(len(a), len(b)) - start and a[-1 - end] == b[-1 - end]:
+        end += 1
+    a, b = a[start:len(a) - end], b[start:len(b) - end]
+    if len(a) < len(b):
+        a, b = b, a
+    if not b:
+        return len(a)
+    m = len(b)  # bit vectors over the pattern b
+    mask, top = (1 << m) - 1, 1 << (m - 1)
+    peq = {}
+    for i, ch in enumerate(b):
+        peq[ch] = peq.get(ch, 0) | (1 << i)
+    pv, mv, score = mask, 0, m
+    for ch in a:
+        eq = peq.get(ch, 0)
+        xv = eq | mv
+        xh = (((eq & pv) + pv) ^ pv) | eq
+        ph = mv | (~(xh | pv) & mask)
+        mh = pv & xh
+        if ph & top:
+            score += 1
+        elif mh & top:
+            score -= 1
+        ph = ((ph << 1) | 1) & mask
+        mh = (mh << 1) & mask
+        pv = mh | (~(xv | ph) & mask)
+        mv = ph & xv
+    return score
+
+
+def jaccard(a, b):
+    """Token-level Jaccard similarity of the sets of lower-cased words and punctuation marks."""
+    ta, tb = (set(re.findall(r"\w+|[^\w\s]", s.lower())) for s in (a, b))
+    return len(ta & tb) / len(ta | tb) if ta | tb else 1.0
+
+
+def completion_text(value):
+    return value if isinstance(value, str) else value[-1]["content"]
+
+
+def cmd_stats(args):
+    """The paper's Table 1, one column per pair file."""
+    columns = {}
+    for path in args.files:
+        pairs = [(completion_text(r["chosen"]), completion_text(r["rejected"])) for _, r in read_jsonl(path)]
+        if not pairs:
+            raise DataError(f"{path}: no pairs")
+        n = len(pairs)
+        columns[Path(path).stem] = {
+            "pairs": n,
+            "jaccard (higher = more contrastive)": sum(jaccard(c, r) for c, r in pairs) / n,
+            "levenshtein (lower = more contrastive)": sum(levenshtein(c, r) for c, r in pairs) / n,
+            "chosen length (chars)": sum(len(c) for c, _ in pairs) / n,
+            "rejected length (chars)": sum(len(r) for _, r in pairs) / n,
+        }
+    names = list(columns)
+    width = max(len(k) for k in next(iter(columns.values())))
+    print(f"| {'':<{width}} | " + " | ".join(f"{n:>12}" for n in names) + " |")
+    print(f"|{'-' * (width + 2)}|" + "|".join("-" * 14 for _ in names) + "|")
+    for key in columns[names[0]]:
+        cells = [columns[n][key] for n in names]
+        print(f"| {key:<{width}} | " + " | ".join(f"{c:>12.0f}" if key == "pairs" else f"{c:>12.3f}" if c < 10
+                                                 else f"{c:>12.1f}" for c in cells) + " |")
+    return columns
+
+
+# ----------------------------------------------------------------------------- command line
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def command(name, func, http=True, default_temperature=0.7, default_max_tokens=4096):
+        c = sub.add_parser(name, help=func.__doc__.splitlines()[0])
+        c.set_defaults(func=func)
+        c.add_argument("--in", dest="inp", required=True)
+        c.add_argument("--out", required=True)
+        if http:
+            c.add_argument("--base-url", required=name != "sample", help="e.g. http://localhost:8000/v1")
+            c.add_argument("--model", required=name != "sample")
+            c.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the key")
+            c.add_argument("--workers", type=int, default=16, help="concurrent requests")
+            c.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
+            c.add_argument("--max-retries", type=int, default=8)
+            c.add_argument("--temperature", type=float, default=default_temperature)
+            c.add_argument("--max-tokens", type=int, default=default_max_tokens)
+        return c
+
+    sample = command("sample", cmd_sample, default_max_tokens=512)
+    sample.set_defaults(model="SmolLM2-135M-Instruct")
+    sample.add_argument("--n", type=int, default=1, help="samples per prompt (the on-policy judge needs 2)")
+    sample.add_argument("--top-p", type=float, default=1.0)
+    sample.add_argument("--batch-size", type=int, default=16, help="local generation batch")
+    sample.add_argument("--seed", type=int, default=0)
+    command("revise", cmd_revise).add_argument("--prompt-file", help="replaces the built-in revision prompt")
+    command("stronger", cmd_stronger)
+    command("judge", cmd_judge, default_temperature=0.0, default_max_tokens=1024)
+    command("offpolicy", cmd_offpolicy, http=False)
+    stats = sub.add_parser("stats", help=cmd_stats.__doc__.splitlines()[0])
+    stats.set_defaults(func=cmd_stats)
+    stats.add_argument("files", nargs="+")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        return args.func(args)
+    except DataError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,292 @@
+"""clair.py against a real HTTP server on loopback: parsing real reviser replies, faults, kills, secrets."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import clair
+from conftest import ChatServer, fixture_rows, replay_reviser, write_jsonl
+
+HERE = Path(__file__).resolve().parent
+SECRET = "sk-test-DO-NOT-LEAK-31337"
+
+
+def read_out(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def fixture_samples(tmp_path):
+    rows = fixture_rows()
+    samples = [{"id": f"uf-{i}", "prompt": r["task"], "completion": r["student_solution"]} for i, r in enumerate(rows)]
+    return rows, write_jsonl(tmp_path / "samples.jsonl", samples)
+
+
+# ----------------------------------------------------------------------------- parsing
+
+def test_all_real_replies_parse_through_the_server(tmp_path):
+    rows, samples = fixture_samples(tmp_path)
+    out = tmp_path / "clair.jsonl"
+    with ChatServer(replay_reviser(rows)) as server:
+        counts = clair.main(["revise", "--in", samples, "--out", str(out), "--base-url", server.base_url,
+                             "--model", "gpt-4-0125-preview", "--workers", "4"])
+    assert counts["done"] == 20 and counts["dropped"] == 0
+    pairs = {p["id"]: p for p in read_out(out)}
+    for i, row in enumerate(rows):
+        pair = pairs[f"uf-{i}"]
+        assert pair["chosen"] and pair["chosen"] == pair["chosen"].strip()
+        assert not any(marker in pair["chosen"] for marker in clair.REVISION_MARKERS + ["{teacher_reasoning}"])
+        assert pair["rejected"] == row["student_solution"] and pair["prompt"] == row["task"]
+        assert pair["rational"] and not pair["rational"].startswith(("{teacher_reasoning}", ":"))
+        assert pair["chosen"] not in pair["rational"]
+        reply = row["response"]["choices"][0]["message"]["content"]
+        assert reply.rstrip().endswith(pair["chosen"])  # the revision is everything after the marker
+        assert pair["reviser"] == "gpt-4-0125-preview"
+    # The request: an empty system message and one user message, our prompt with the paper's identifiers.
+    request = server.requests[0]
+    assert request["messages"][0] == {"role": "system", "content": ""}
+    text = request["messages"][1]["content"]
+    for identifier in ["{task}", "{student_solution}", "{teacher_reasoning}", "{corrected_student_solution}",
+                       "\n-----------------\n"]:
+        assert identifier in text
+    assert request["temperature"] == 0.7 and request["max_tokens"] == 4096
+
+
+def test_marker_priority_and_drops():
+    both = "{teacher_reasoning}: why\n**Corrected Student Solution:** bold\n{corrected_student_solution}: plain"
+    assert clair.parse_revision(both) == ("why", "bold\n{corrected_student_solution}: plain")
+    assert clair.parse_revision("{teacher_reasoning}: r\n{corrected_student_solution}:\n  fixed  ") == ("r", "fixed")
+    assert clair.parse_revision("{teacher_reasoning}\nr\n{corrected_student_solution}\nfixed") == ("r", "fixed")
+    assert clair.parse_revision("why\n{worsened_student_solution}: worse") == ("why", "worse")
+    assert clair.parse_revision("just an answer, no markers") is None
+    assert clair.parse_revision("{teacher_reasoning}: r\n{corrected_student_solution}:   \n") is None
+
+
+def test_unparseable_replies_are_dropped_counted_and_kept(tmp_path):
+    samples = write_jsonl(tmp_path / "s.jsonl", [{"id": "a", "prompt": "q", "completion": "x"},
+                                                {"id": "b", "prompt": "q2", "completion": "y"}])
+    reply = lambda body: "no marker here" if "x" in body["messages"][1]["content"].split("{student_solution}:")[-1] \
+        else "{teacher_reasoning}: ok\n{corrected_student_solution}: better"
+    with ChatServer(reply) as server:
+        counts = clair.main(["revise", "--in", samples, "--out", str(tmp_path / "o.jsonl"),
+                             "--base-url", server.base_url, "--model", "m"])
+    assert (counts["done"], counts["dropped"]) == (1, 1)
+    (reject,) = read_out(tmp_path / "o.rejects.jsonl")
+    assert reject["id"] == "a" and reject["reply"] == "no marker here" and "marker" in reject["reason"]
+    # A rerun sends nothing: both ids are accounted for.
+    with ChatServer(reply) as server:
+        clair.main(["revise", "--in", samples, "--out", str(tmp_path / "o.jsonl"), "--base-url", server.base_url,
+                    "--model", "m"])
+        assert server.requests == []
+
+
+def test_prompt_file_replaces_the_template(tmp_path):
+    samples = write_jsonl(tmp_path / "s.jsonl", [{"id": "a", "prompt": "TASKTEXT", "completion": "[[TASK]] literal"}])
+    (tmp_path / "p.txt").write_text("Fix: [[STUDENT_SOLUTION]] for [[TASK]]")
+    with ChatServer(lambda body: "{corrected_student_solution}: x") as server:
+        clair.main(["revise", "--in", samples, "--out", str(tmp_path / "o.jsonl"), "--base-url", server.base_url,
+                    "--model", "m", "--prompt-file", str(tmp_path / "p.txt")])
+    # Filled in one pass: the student's literal [[TASK]] is not substituted.
+    assert server.requests[0]["messages"][1]["content"] == "Fix: [[TASK]] literal for TASKTEXT"
+
+
+# ----------------------------------------------------------------------------- faults
+
+@pytest.mark.parametrize("fault", ["429", "500", "slow", "badjson", "nochoices", "drop"])
+def test_transient_faults_are_retried(fault):
+    with ChatServer(lambda body: "fine", faults=[fault, fault], slow_seconds=1.5) as server:
+        client = clair.ChatClient(server.base_url, "m", timeout=0.5, max_backoff=0.01)
+        assert client.complete([{"role": "user", "content": "hi"}], 0.0, 8) == "fine"
+        assert len(server.requests) == 3
+
+
+def test_retry_after_is_honoured():
+    with ChatServer(lambda body: "fine", faults=["429"]) as server:
+        client = clair.ChatClient(server.base_url, "m", max_backoff=0.0)
+        start = time.time()
+        client.complete([{"role": "user", "content": "hi"}], 0.0, 8)
+        assert time.time() - start >= 0.05  # the server's Retry-After, though max_backoff is 0
+
+
+def test_401_fails_fast_naming_the_key_variable(tmp_path, monkeypatch):
+    monkeypatch.setenv("MY_KEY", SECRET)
+    with ChatServer(lambda body: "x", faults=["401"] * 5) as server:
+        client = clair.ChatClient(server.base_url, "m", api_key_env="MY_KEY")
+        with pytest.raises(clair.FatalRequestError, match=r"HTTP 401 \(check \$MY_KEY\)") as error:
+            client.complete([{"role": "user", "content": "hi"}], 0.0, 8)
+        assert len(server.requests) == 1 and SECRET not in str(error.value)
+
+
+def test_retries_give_up_and_leave_the_row_for_a_rerun(tmp_path):
+    samples = write_jsonl(tmp_path / "s.jsonl", [{"id": "a", "prompt": "q", "completion": "x"}])
+    ok = lambda body: "{corrected_student_solution}: fixed"
+    with ChatServer(ok, faults=["500"] * 50) as server:
+        counts = clair.main(["revise", "--in", samples, "--out", str(tmp_path / "o.jsonl"),
+                             "--base-url", server.base_url, "--model", "m", "--max-retries", "1"])
+    assert counts["failed"] == 1 and not (tmp_path / "o.jsonl").read_text()
+    with ChatServer(ok) as server:
+        counts = clair.main(["revise", "--in", samples, "--out", str(tmp_path / "o.jsonl"),
+                             "--base-url", server.base_url, "--model", "m"])
+    assert counts["done"] == 1
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"id": "a", "prompt": "q", "completion": "x"}\n{"id": "b", "prompt": "q"', "s.jsonl:2: not valid JSON"),
+    ('{"id": "a", "prompt": "q", "completion": "x"}\n{"id": "b", "prompt": "q"}', "s.jsonl:2: field 'completion'"),
+    ('{"id": "a", "prompt": "q", "completion": "x"}\n{"id": "a", "prompt": "q", "completion": "y"}',
+     "s.jsonl:2: field 'id': duplicate id 'a' \\(first on line 1\\)"),
+    ('{"id": "a", "prompt": 7, "completion": "x"}', "s.jsonl:1: field 'prompt'"),
+])
+def test_bad_input_fails_before_any_request(tmp_path, content, message):
+    (tmp_path / "s.jsonl").write_text(content + "\n")
+    with ChatServer(lambda body: "x") as server:
+        with pytest.raises(SystemExit, match=message):
+            clair.main(["revise", "--in", str(tmp_path / "s.jsonl"), "--out", str(tmp_path / "o.jsonl"),
+                        "--base-url", server.base_url, "--model", "m"])
+        assert server.requests == []
+
+
+def test_a_torn_last_line_is_cut_and_redone(tmp_path):
+    samples = write_jsonl(tmp_path / "s.jsonl", [{"id": i, "prompt": "q", "completion": f"x{i}"} for i in "abc"])
+    out = tmp_path / "o.jsonl"
+    out.write_text(json.dumps({"id": "a", "chosen": "done"}) + '\n{"id": "b", "cho')
+    with ChatServer(lambda body: "{corrected_student_solution}: fixed") as server:
+        clair.main(["revise", "--in", samples, "--out", str(out), "--base-url", server.base_url, "--model", "m"])
+        assert len(server.requests) == 2
+    assert sorted(r["id"] for r in read_out(out)) == ["a", "b", "c"]
+
+
+def test_sigkill_mid_run_then_rerun_writes_every_id_once(tmp_path):
+    rows, samples = fixture_samples(tmp_path)
+    out = tmp_path / "clair.jsonl"
+    env = {**os.environ, "OPENAI_API_KEY": SECRET}
+    with ChatServer(replay_reviser(rows), delay=0.25) as server:
+        command = [sys.executable, str(HERE / "clair.py"), "revise", "--in", samples, "--out", str(out),
+                   "--base-url", server.base_url, "--model", "gpt-4", "--workers", "2"]
+        first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        deadline = time.time() + 60
+        while time.time() < deadline and (not out.exists() or len(out.read_text().splitlines()) < 6):
+            time.sleep(0.05)
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        written = len(out.read_text().splitlines())
+        assert 6 <= written < 20
+        second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+        assert second.returncode == 0, second.stderr
+    ids = [r["id"] for r in read_out(out)]
+    assert sorted(ids) == sorted(f"uf-{i}" for i in range(20))  # each exactly once
+    # The key went to the server, and nowhere else.
+    assert all(h.get("Authorization") == f"Bearer {SECRET}" for h in server.headers)
+    console = first.stdout.read().decode() + second.stdout + second.stderr
+    assert SECRET not in console
+    for path in tmp_path.iterdir():
+        assert SECRET not in path.read_text(errors="replace")
+
+
+# ----------------------------------------------------------------------------- the other datasets
+
+def test_stronger_preferred(tmp_path):
+    samples = write_jsonl(tmp_path / "s.jsonl", [{"id": "a", "prompt": "Capital of France?", "completion": "Lyon."}])
+    with ChatServer(lambda body: "  Paris.  ") as server:
+        clair.main(["stronger", "--in", samples, "--out", str(tmp_path / "o.jsonl"), "--base-url", server.base_url,
+                    "--model", "strong"])
+    (pair,) = read_out(tmp_path / "o.jsonl")
+    assert (pair["chosen"], pair["rejected"], pair["reviser"]) == ("Paris.", "Lyon.", "strong")
+    assert server.requests[0]["messages"] == [{"role": "user", "content": "Capital of France?"}]
+
+
+def test_judge_keeps_only_pairs_both_orders_agree_on(tmp_path):
+    samples = []
+    for pid, (x, y) in {"agree": ("good answer", "bad answer"), "reversed": ("bad answer", "good answer"),
+                        "biased": ("meh one", "meh two"), "tie": ("tie one", "tie two")}.items():
+        samples += [{"id": f"{pid}-{k}", "prompt_id": pid, "sample_index": k, "prompt": f"q {pid}", "completion": c}
+                    for k, c in enumerate((x, y))]
+
+    def judge(body):
+        text = body["messages"][0]["content"]
+        a = text.split("[Answer A]\n")[1].split("\n\n[Answer B]")[0]
+        if "tie" in a:
+            return "Equal. [[tie]]"
+        if "meh" in a:
+            return "The first one. [[A]]"  # position bias: both orders say A
+        return "Reasoning... [[A]]" if "good" in a else "Reasoning... [[B]]"
+
+    with ChatServer(judge) as server:
+        counts = clair.main(["judge", "--in", write_jsonl(tmp_path / "s.jsonl", samples), "--out",
+                             str(tmp_path / "o.jsonl"), "--base-url", server.base_url, "--model", "judge"])
+    pairs = {p["id"]: p for p in read_out(tmp_path / "o.jsonl")}
+    assert set(pairs) == {"agree", "reversed"}
+    assert all(p["chosen"] == "good answer" and p["rejected"] == "bad answer" for p in pairs.values())
+    reasons = {r["id"]: r["reason"] for r in read_out(tmp_path / "o.rejects.jsonl")}
+    assert reasons == {"biased": "orders disagree or no verdict", "tie": "tie"}
+    assert counts["dropped"] == 2 and len(server.requests) == 8
+
+
+def test_offpolicy_best_vs_worst_drops_ties(tmp_path, capsys):
+    rows = [{"instruction": "q1", "completions": [{"response": "mid", "overall_score": 5},
+                                                  {"response": "best", "overall_score": 9},
+                                                  {"response": "worst", "overall_score": 2}]},
+            {"prompt": "q2", "completions": [{"text": "a", "score": 3}, {"text": "b", "score": 3}]}]
+    clair.main(["offpolicy", "--in", write_jsonl(tmp_path / "uf.jsonl", rows), "--out", str(tmp_path / "o.jsonl")])
+    (pair,) = read_out(tmp_path / "o.jsonl")
+    assert (pair["prompt"], pair["chosen"], pair["rejected"]) == ("q1", "best", "worst")
+    assert "1 ties dropped" in capsys.readouterr().out
+
+
+def test_sample_locally_and_from_an_endpoint(tmp_path, tiny_model):
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"id": "p1", "prompt": "Hi"},
+                                                 {"id": "p2", "prompt": [{"role": "user", "content": "Yo"}]}])
+    clair.main(["sample", "--model", tiny_model, "--in", prompts, "--out", str(tmp_path / "local.jsonl"),
+                "--n", "2", "--max-tokens", "6"])
+    rows = read_out(tmp_path / "local.jsonl")
+    assert sorted(r["id"] for r in rows) == ["p1-0", "p1-1", "p2-0", "p2-1"]
+    assert all(r["prompt_id"] in ("p1", "p2") and r["sample_index"] in (0, 1) and r["model"] == tiny_model
+               for r in rows)
+    with ChatServer(lambda body: "an answer") as server:
+        clair.main(["sample", "--base-url", server.base_url, "--model", "remote", "--in", prompts,
+                    "--out", str(tmp_path / "remote.jsonl")])
+    assert [(r["id"], r["completion"]) for r in read_out(tmp_path / "remote.jsonl")] == [("p1", "an answer"),
+                                                                                         ("p2", "an answer")]
+
+
+# ----------------------------------------------------------------------------- contrastiveness
+
+def levenshtein_dp(a, b):
+    previous = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        current = [i]
+        for j, cb in enumerate(b, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb)))
+        previous = current
+    return previous[-1]
+
+
+def test_levenshtein_equals_dynamic_programming():
+    rng = random.Random(0)
+    cases = [("", ""), ("", "abc"), ("kitten", "sitting"), ("flaw", "lawn"), ("é✓x", "e✓"), ("a" * 70, "b" * 65)]
+    for _ in range(300):
+        alphabet = rng.choice(["ab", "abcd", "abcdefghij éü"])
+        a = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 90)))
+        b = list(a) if rng.random() < 0.5 else [rng.choice(alphabet) for _ in range(rng.randint(0, 90))]
+        for _ in range(rng.randint(0, 6)):  # a few edits, as in a minimal revision
+            if b:
+                b[rng.randrange(len(b))] = rng.choice(alphabet)
+        cases.append((a, "".join(b)))
+    for a, b in cases:
+        assert clair.levenshtein(a, b) == levenshtein_dp(a, b) == clair.levenshtein(b, a), (a, b)
+
+
+def test_stats_table(tmp_path, capsys):
+    close = write_jsonl(tmp_path / "close.jsonl", [{"prompt": "q", "chosen": "The cat sat.", "rejected": "The cat sit."}])
+    far = write_jsonl(tmp_path / "far.jsonl", [{"prompt": "q", "chosen": "Dogs run fast.", "rejected": "The cat sit."}])
+    columns = clair.main(["stats", close, far])
+    assert columns["close"]["levenshtein (lower = more contrastive)"] == 1
+    assert columns["close"]["jaccard (higher = more contrastive)"] > columns["far"]["jaccard (higher = more contrastive)"]
+    out = capsys.readouterr().out
+    assert "close" in out and "far" in out and "pairs" in out
