@@ -264,39 +264,41 @@ def cmd_sample(args):
     return sample_locally(args, jobs, record)
 
 
-def sample_locally(args, jobs, record):
-    """Batched generation with transformers, the model's chat template, left padding."""
+def generate(model, tokenizer, prompts, max_tokens, temperature=0.0, top_p=1.0):
+    """Answers of a local model to a batch of prompts (strings or chat messages): chat template, left padding.
+
+    temperature 0 decodes greedily."""
     import torch
+
+    tokenizer.padding_side = "left"
+    texts = [tokenizer.apply_chat_template(as_messages(p), add_generation_prompt=True, tokenize=False) for p in prompts]
+    inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=max_tokens, pad_token_id=tokenizer.pad_token_id, **sampling)
+    return [a.strip() for a in tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)]
+
+
+def sample_locally(args, jobs, record):
+    """Batched local generation; resumable like run_jobs: finished ids are skipped, each batch flushed."""
+    import torch
+    from tqdm import tqdm
 
     from train import load_model
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    tokenizer, model = load_model(args.model, device)
+    tokenizer, model = load_model(args.model, "cuda" if torch.cuda.is_available() else "cpu")
     model.eval()
-    tokenizer.padding_side = "left"
     torch.manual_seed(args.seed)
-
-    def work(batch):
-        texts = [tokenizer.apply_chat_template(as_messages(row["prompt"]), add_generation_prompt=True, tokenize=False)
-                 for _, (row, _) in batch]
-        inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-        with torch.no_grad():
-            output = model.generate(**inputs, max_new_tokens=args.max_tokens, do_sample=args.temperature > 0,
-                                    temperature=args.temperature or None, top_p=args.top_p,
-                                    pad_token_id=tokenizer.pad_token_id)
-        answers = tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-        return [(job_id, record(row, k, answer.strip(), args.model)) for (job_id, (row, k)), answer in zip(batch, answers)]
-
-    # Resumable like run_jobs: finished ids are skipped, each batch's rows are flushed together.
-    from tqdm import tqdm
-
     skip = done_ids(args.out)
     todo = [job for job in jobs if job[0] not in skip]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "a", encoding="utf-8") as f:
         for start in tqdm(range(0, len(todo), args.batch_size), desc="sample"):
-            for job_id, row in work(todo[start:start + args.batch_size]):
-                f.write(json.dumps({"id": job_id, **row}, ensure_ascii=False) + "\n")
+            batch = todo[start:start + args.batch_size]
+            answers = generate(model, tokenizer, [row["prompt"] for _, (row, _) in batch], args.max_tokens,
+                               args.temperature, args.top_p)
+            for (job_id, (row, k)), answer in zip(batch, answers):
+                f.write(json.dumps({"id": job_id, **record(row, k, answer, args.model)}, ensure_ascii=False) + "\n")
             f.flush()
     print(f"sample: {len(todo)} answers written to {args.out}, {len(skip)} already done")
     return Counter(done=len(todo), skipped=len(skip))

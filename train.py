@@ -414,43 +414,50 @@ def weights_fingerprint(model, dtype):
     return h.hexdigest()[:16]
 
 
+def pairs_logps(model, pairs, batch_size, device, dtype):
+    """[len(pairs), 2] summed log-probs of (chosen, rejected) under `model`: one no-grad pass in eval mode,
+    with training's collate and log-prob code, split across processes and gathered on all."""
+    computed = []
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), autocast(device, dtype):
+        for indices, real in shard_batches(sorted_batches(pairs, batch_size)):
+            logps = sequence_logps(model, collate(pairs, indices, 0, device)).view(2, -1).T.tolist()
+            if real:
+                computed += zip(indices, logps)
+    model.train(was_training)
+    result = torch.zeros(len(pairs), 2, dtype=torch.float64)
+    for i, logps in gather_to_all(computed):
+        result[i] = torch.tensor(logps)
+    return result
+
+
 def reference_logps(model, pairs, fingerprint, batch_size, device, dtype, desc="reference"):
     """[len(pairs), 2] log pi_ref(chosen), log pi_ref(rejected): from the on-disk cache, else computed.
 
-    One no-grad pass of `model` in eval mode over the pairs the cache lacks, with training's collate and
-    log-prob code, split across processes. The cache holds one file per model fingerprint, keyed by each
-    pair's token ids, so any run or evaluation over the same tokens reuses it.
+    The cache holds one file per model fingerprint, keyed by each pair's token ids, so any run or
+    evaluation over the same tokens reuses it; only the pairs it lacks are computed.
     """
     path = REF_CACHE / f"{fingerprint}.pt"
     cache = {}
     if path.exists():
         saved = torch.load(path)
-        cache = dict(zip(saved["keys"], saved["logps"].tolist()))
+        cache = dict(zip(saved["keys"], saved["logps"]))
     keys = [pair_key(p) for p in pairs]
     missing = sorted({k: i for i, k in enumerate(keys) if k not in cache}.values())
     if missing:
         todo = [pairs[i] for i in missing]
-        batches = sorted_batches(todo, batch_size)
-        computed, tokens, start = [], 0, time.time()
-        was_training = model.training
-        model.eval()
-        with torch.no_grad(), autocast(device, dtype):
-            for indices, real in shard_batches(batches):
-                batch = collate(todo, indices, 0, device)
-                logps = sequence_logps(model, batch).view(2, -1).T.tolist()
-                if real:
-                    computed += [(keys[missing[i]], lp) for i, lp in zip(indices, logps)]
-                    tokens += int(batch["attention_mask"].sum())
-        model.train(was_training)
-        cache.update(gather_to_all(computed))
-        log0(f"{desc}: {len(missing)} pairs' log-probs computed, "
-             f"{tokens * world_size() / (time.time() - start):.0f} tokens/s; {len(pairs) - len(missing)} cached")
+        start = time.time()
+        cache.update(zip([keys[i] for i in missing], pairs_logps(model, todo, batch_size, device, dtype)))
+        tokens = sum(2 * len(p["prompt"]) + len(p["chosen"]) + len(p["rejected"]) for p in todo)
+        log0(f"{desc}: {len(missing)} pairs' log-probs computed, {tokens / (time.time() - start):.0f} tokens/s; "
+             f"{len(pairs) - len(missing)} cached")
         if rank() == 0:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".tmp{os.getpid()}")
-            torch.save({"keys": list(cache), "logps": torch.tensor(list(cache.values()), dtype=torch.float64)}, tmp)
+            torch.save({"keys": list(cache), "logps": torch.stack(list(cache.values()))}, tmp)
             tmp.replace(path)
-    return torch.tensor([cache[k] for k in keys], dtype=torch.float32)
+    return torch.stack([cache[k] for k in keys]).float()
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -466,23 +473,11 @@ def pair_stats(loss, policy_chosen, policy_rejected, ref_chosen, ref_rejected, b
     return torch.stack([c.float().sum() for c in columns])
 
 
-def evaluate_pairs(model, pairs, ref, loss_fn, beta, batch_size, device, dtype):
-    """Held-out metrics (mean over pairs) of `model` against reference log-probs `ref` [N, 2]."""
-    was_training = model.training
-    model.eval()
-    totals = torch.zeros(len(METRICS), device=device)
-    with torch.no_grad(), autocast(device, dtype):
-        for indices, real in shard_batches(sorted_batches(pairs, batch_size)):
-            logps = sequence_logps(model, collate(pairs, indices, 0, device))
-            if not real:
-                continue
-            pc, pr = logps.view(2, -1)
-            rc, rr = ref[indices].to(device).T
-            totals += pair_stats(loss_fn(pc, pr, rc, rr, beta), pc, pr, rc, rr, beta)
-    model.train(was_training)
-    if dist.is_initialized():
-        dist.all_reduce(totals)
-    return {name: value / len(pairs) for name, value in zip(METRICS, totals.tolist())}
+def pair_metrics(policy, ref, loss_fn, beta):
+    """METRICS as means over pairs, from [N, 2] policy and reference log-probs."""
+    (pc, pr), (rc, rr) = policy.float().T, ref.float().T
+    totals = pair_stats(loss_fn(pc, pr, rc, rr, beta), pc, pr, rc, rr, beta)
+    return {name: value / len(policy) for name, value in zip(METRICS, totals.tolist())}
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -643,8 +638,8 @@ def main(argv=None):
                 f.write(json.dumps({"step": step, **record}) + "\n")
 
     def run_eval():
-        metrics = evaluate_pairs(model, eval_pairs, ref_eval, loss_fn, args.beta, args.batch_size * 2,
-                                 device, args.dtype)
+        policy = pairs_logps(model, eval_pairs, args.batch_size * 2, device, args.dtype)
+        metrics = pair_metrics(policy, ref_eval, loss_fn, args.beta)
         log({f"eval/{k}": v for k, v in metrics.items()})
         return metrics
 

@@ -1,0 +1,262 @@
+"""Did alignment work? Held-out rewards and likelihoods (the paper's Figure 4), a plot, and generations.
+
+    python evaluate.py --model runs/apo_zero/final --data data/clair_eval.jsonl       # rewards, likelihoods
+    python evaluate.py --model runs/apo_zero/final --prompts data/prompts_eval.jsonl  # answers, accuracy, length
+    python evaluate.py --model CKPT --prompts P.jsonl --judge-url http://localhost:8000/v1 --judge-model M
+    python evaluate.py plot runs/apo_zero runs/dpo --out figure4.png
+
+--ref defaults to the embedded SmolLM2 (the initial policy). The reference's log-probs come from train.py's
+cache when it holds them. Tokenisation and log-probs are train.py's own functions.
+"""
+
+import argparse
+import json
+import re
+import sys
+import unicodedata
+from pathlib import Path
+
+import torch
+
+import train
+from apo import LOSSES
+from clair import JUDGE_PROMPT, ChatClient, FatalRequestError, as_messages, fill, generate, parse_verdict, prompt_text
+
+GRADER_PROMPT = """\
+Grade a response against the reference answer to a question. It is correct when its final answer means the \
+same as the reference; wording and extra explanation do not matter. End with [[correct]] or [[incorrect]].
+
+[Question]
+[[TASK]]
+
+[Reference answer]
+[[ANSWER]]
+
+[Response]
+[[RESPONSE]]"""
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="the trained checkpoint (a folder from train.py)")
+    p.add_argument("--ref", default=train.DEFAULT_MODEL, help="the reference / initial model")
+    p.add_argument("--data", help="held-out preference pairs, JSONL")
+    p.add_argument("--prompts", help="prompts to answer, JSONL: id, prompt, optional answer")
+    p.add_argument("--loss", choices=sorted(LOSSES), default="apo_zero", help="for the reported loss")
+    p.add_argument("--beta", type=float, default=0.1)
+    p.add_argument("--batch-size", type=int, default=4, help="pairs per forward; prompts per generate")
+    p.add_argument("--max-length", type=int, default=384)
+    p.add_argument("--max-prompt-length", type=int, default=192)
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default=None)
+    p.add_argument("--max-new-tokens", type=int, default=160)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy decoding, for both models")
+    p.add_argument("--judge-url", help="OpenAI-compatible base URL of a judge LLM")
+    p.add_argument("--judge-model", default="gpt-4-turbo")
+    p.add_argument("--api-key-env", default="OPENAI_API_KEY")
+    p.add_argument("--out", help="write the results here as JSON")
+    args = p.parse_args(argv)
+    if not args.data and not args.prompts:
+        p.error("give --data (held-out pairs), --prompts (generation), or both")
+    return args
+
+
+# ----------------------------------------------------------------------------- held-out pairs (Figure 4)
+
+def pair_report(policy, ref, pairs, loss_fn, beta):
+    """Figure 4's numbers: rewards, raw and per-token log-likelihoods under both models, directions."""
+    report = {f"eval/{k}": v for k, v in train.pair_metrics(policy, ref, loss_fn, beta).items()}
+    for column, side in enumerate(("chosen", "rejected")):
+        tokens = torch.tensor([len(p[side]) for p in pairs], dtype=torch.float64)
+        delta = (policy[:, column] - ref[:, column]).mean().item()
+        report[side] = {
+            "logp_policy": policy[:, column].mean().item(), "logp_ref": ref[:, column].mean().item(),
+            "logp_per_token_policy": (policy[:, column] / tokens).mean().item(),
+            "logp_per_token_ref": (ref[:, column] / tokens).mean().item(),
+            "mean_tokens": tokens.mean().item(),
+            "direction": "up" if delta > 0 else "down" if delta < 0 else "unchanged",
+        }
+    return report
+
+
+def evaluate_pairs(args, device):
+    rows, drops = train.load_pairs(args.data)
+    tokenizer, ref_model = train.load_model(args.ref, device)
+    pairs, tokenize_drops = train.tokenize_pairs(tokenizer, rows, args.max_length, args.max_prompt_length)
+    if not pairs:
+        raise train.DataError(f"{args.data}: no pairs left after truncation")
+    ref = train.reference_logps(ref_model, pairs, train.weights_fingerprint(ref_model, args.dtype), args.batch_size,
+                                device, args.dtype)
+    del ref_model
+    _, model = train.load_model(args.model, device)
+    policy = train.pairs_logps(model, pairs, args.batch_size, device, args.dtype).float()
+    report = pair_report(policy, ref, pairs, LOSSES[args.loss], args.beta)
+    report["pairs"], report["dropped"] = len(pairs), dict(drops + tokenize_drops)
+    return report
+
+
+# ----------------------------------------------------------------------------- generation
+
+def normalise(text):
+    """Lower case, accents and punctuation off, thousands separators gone, single spaces."""
+    text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode().lower()
+    text = re.sub(r"(?<=\d),(?=\d{3})", "", text)
+    text = re.sub(r"(?<!\d)\.|\.(?!\d)|[^\w.]+", " ", text)
+    return " ".join(text.split())
+
+
+def matches(response, answer):
+    """Normalised exact or contained match: the answer appears as whole words in the response."""
+    return f" {normalise(answer)} " in f" {normalise(response)} "
+
+
+def read_prompts(path):
+    rows = []
+    for number, row in train.read_jsonl(path):
+        prompt, answer = row.get("prompt"), row.get("answer")
+        if not (isinstance(prompt, str) or (isinstance(prompt, list) and prompt)):
+            raise train.DataError(f"{path}:{number}: field 'prompt': expected a string or chat messages")
+        if answer is not None and not isinstance(answer, str):
+            raise train.DataError(f"{path}:{number}: field 'answer': expected a string")
+        rows.append({"id": str(row.get("id", number)), "prompt": prompt, "answer": answer})
+    return rows
+
+
+def generations(args, device):
+    """Answers of the checkpoint and the reference to --prompts, same decoding; accuracy, length, judge."""
+    rows = read_prompts(args.prompts)
+    answers = {}
+    for name, path in (("policy", args.model), ("ref", args.ref)):
+        tokenizer, model = train.load_model(path, device)
+        model.eval()
+        torch.manual_seed(0)
+        answers[name] = [a for start in range(0, len(rows), args.batch_size) for a in generate(
+            model, tokenizer, [r["prompt"] for r in rows[start:start + args.batch_size]], args.max_new_tokens,
+            args.temperature)]
+        del model
+    report = {name: {"mean_answer_chars": sum(map(len, texts)) / len(texts)} for name, texts in answers.items()}
+    keyed = [i for i, r in enumerate(rows) if r["answer"] is not None]
+    client = ChatClient(args.judge_url, args.judge_model, args.api_key_env) if args.judge_url else None
+    for name, texts in answers.items():
+        if keyed:
+            report[name]["accuracy_match"] = sum(matches(texts[i], rows[i]["answer"]) for i in keyed) / len(keyed)
+            if client:
+                report[name]["accuracy_judge"] = sum(grade(client, rows[i], texts[i]) for i in keyed) / len(keyed)
+    if client:
+        report["win_rate_vs_ref"] = win_rate(client, rows, answers["policy"], answers["ref"])
+    report["answered"], report["with_answer_key"] = len(rows), len(keyed)
+    report["samples"] = [{"id": r["id"], "policy": p, "ref": q} for r, p, q in zip(rows, answers["policy"], answers["ref"])]
+    return report
+
+
+def grade(client, row, response):
+    """MixEval-style: an LLM parser decides whether a free-form response matches the answer key."""
+    reply = client.complete([{"role": "user", "content": fill(GRADER_PROMPT, task=prompt_text(row["prompt"]),
+                                                              answer=row["answer"], response=response)}], 0.0, 512)
+    verdicts = re.findall(r"\[\[(correct|incorrect)\]\]", reply, flags=re.IGNORECASE)
+    return bool(verdicts) and verdicts[-1].lower() == "correct"
+
+
+def win_rate(client, rows, policy, ref):
+    """Pairwise win rate of the checkpoint against the reference, judged in both orders; a tie counts half."""
+    score = {"A": 1.0, "B": 0.0, "tie": 0.5, None: 0.5}
+    total = 0.0
+    for row, mine, theirs in zip(rows, policy, ref):
+        task = prompt_text(row["prompt"])
+        ask = lambda a, b: parse_verdict(client.complete(
+            [{"role": "user", "content": fill(JUDGE_PROMPT, task=task, a=a, b=b)}], 0.0, 1024))
+        total += score[ask(mine, theirs)] + (1.0 - score[ask(theirs, mine)])
+    return total / (2 * len(rows))
+
+
+# ----------------------------------------------------------------------------- the plot
+
+def plot(argv):
+    p = argparse.ArgumentParser(prog="evaluate.py plot", description="Figure 4 from train.py runs' metrics.jsonl")
+    p.add_argument("runs", nargs="+", help="train.py --out folders")
+    p.add_argument("--out", default="figure4.png")
+    args = p.parse_args(argv)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        sys.exit("the plot needs matplotlib: pip install matplotlib")
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    panels = [("logps", "log-likelihood  log π(y|x)"), ("rewards", "reward  β·(log π − log π_ref)")]
+    for n, run in enumerate(args.runs):
+        metrics_path, args_path = Path(run) / "metrics.jsonl", Path(run) / "args.json"
+        if not metrics_path.exists():
+            sys.exit(f"error: {metrics_path}: not found (is {run} a train.py --out folder?)")
+        lines = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+        config = json.loads(args_path.read_text()) if args_path.exists() else {}
+        label = f"{config.get('loss', '?')} on {Path(config.get('data') or 'bundled CLAIR').stem}"
+        evals = [m for m in lines if "eval/loss" in m]
+        prefix, points = ("eval/", evals) if len(evals) > 1 else ("", [m for m in lines if "loss" in m])
+        color = f"C{n}"
+        for ax, (metric, title) in zip(axes, panels):
+            for side, style in (("chosen", "-"), ("rejected", "--")):
+                ax.plot([m["step"] for m in points], [m[f"{prefix}{metric}/{side}"] for m in points], style,
+                        color=color, marker="o", markersize=3, label=f"{label}: {side}")
+            ax.set_title(title)
+            ax.set_xlabel("optimizer step")
+            ax.grid(alpha=0.3)
+    axes[1].axhline(0, color="black", linewidth=0.8)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Held-out chosen (solid) and rejected (dashed) outputs during training", fontsize=12)
+    fig.tight_layout()
+    fig.savefig(args.out, dpi=120)
+    print(f"wrote {args.out}")
+    return args.out
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["plot"]:
+        return plot(argv[1:])
+    args = parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    args.dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    results = {"model": args.model, "ref": args.ref}
+    try:
+        if args.data:
+            results["pairs"] = evaluate_pairs(args, device)
+        if args.prompts:
+            results["generation"] = generations(args, device)
+    except train.DataError as e:
+        sys.exit(f"error: {e}")
+    except FatalRequestError as e:
+        sys.exit(f"error: judge: {e}")
+    print_table(results)
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+        print(f"wrote {args.out}")
+    return results
+
+
+def print_table(results):
+    if "pairs" in results:
+        r = results["pairs"]
+        print(f"\nheld-out pairs: {r['pairs']}   (policy {results['model']} vs reference {results['ref']})")
+        print(f"{'':<10} {'logp ref':>10} {'logp policy':>12} {'per-token ref':>14} {'per-token policy':>17} {'reward':>8}  moved")
+        for side in ("chosen", "rejected"):
+            s = r[side]
+            print(f"{side:<10} {s['logp_ref']:>10.2f} {s['logp_policy']:>12.2f} {s['logp_per_token_ref']:>14.3f} "
+                  f"{s['logp_per_token_policy']:>17.3f} {r[f'eval/rewards/{side}']:>+8.3f}  {s['direction']}")
+        print(f"margin {r['eval/rewards/margins']:+.3f}   accuracy {r['eval/rewards/accuracies']:.3f}   "
+              f"loss {r['eval/loss']:.4f}")
+    if "generation" in results:
+        g = results["generation"]
+        print(f"\ngenerations: {g['answered']} prompts, {g['with_answer_key']} with an answer key")
+        keys = [k for k in ("accuracy_match", "accuracy_judge", "mean_answer_chars") if k in g["policy"]]
+        print(f"{'':<8}" + "".join(f"{k:>20}" for k in keys))
+        for name in ("ref", "policy"):
+            print(f"{name:<8}" + "".join(f"{g[name][k]:>20.3f}" for k in keys))
+        if "win_rate_vs_ref" in g:
+            print(f"win rate of the policy against the reference (judge, both orders): {g['win_rate_vs_ref']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
