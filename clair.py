@@ -474,13 +474,13 @@ def cmd_stats(args):
             "rejected length (chars)": sum(len(r) for _, r in pairs) / n,
         }
     names = list(columns)
-    width = max(len(k) for k in next(iter(columns.values())))
-    print(f"| {'':<{width}} | " + " | ".join(f"{n:>12}" for n in names) + " |")
-    print(f"|{'-' * (width + 2)}|" + "|".join("-" * 14 for _ in names) + "|")
+    label = max(len(k) for k in columns[names[0]])
+    widths = [max(12, len(n)) for n in names]
+    print(f"| {'':<{label}} | " + " | ".join(f"{n:>{w}}" for n, w in zip(names, widths)) + " |")
+    print(f"|{'-' * (label + 2)}|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for key in columns[names[0]]:
-        cells = [columns[n][key] for n in names]
-        print(f"| {key:<{width}} | " + " | ".join(f"{c:>12.0f}" if key == "pairs" else f"{c:>12.3f}" if c < 10
-                                                 else f"{c:>12.1f}" for c in cells) + " |")
+        cells = [f"{columns[n][key]:.0f}" if key == "pairs" else f"{columns[n][key]:.3f}" for n in names]
+        print(f"| {key:<{label}} | " + " | ".join(f"{c:>{w}}" for c, w in zip(cells, widths)) + " |")
     return columns
 
 

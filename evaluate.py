@@ -96,12 +96,17 @@ def evaluate_pairs(args, device):
 
 # ----------------------------------------------------------------------------- generation
 
+NUMBER_WORDS = {w: str(i) for i, w in enumerate(
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+    "seventeen eighteen nineteen twenty".split())}
+
+
 def normalise(text):
-    """Lower case, accents and punctuation off, thousands separators gone, single spaces."""
+    """Lower case, accents and punctuation off, thousands separators gone, number words as digits."""
     text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode().lower()
     text = re.sub(r"(?<=\d),(?=\d{3})", "", text)
-    text = re.sub(r"(?<!\d)\.|\.(?!\d)|[^\w.]+", " ", text)
-    return " ".join(text.split())
+    text = re.sub(r"(?<!\d)\.|\.(?!\d)|[^\w.-]+|-(?!\d)", " ", text)
+    return " ".join(NUMBER_WORDS.get(word, word) for word in text.split())
 
 
 def matches(response, answer):

@@ -67,6 +67,7 @@ def test_plot_of_a_folder_that_is_no_run(tmp_path):
 @pytest.mark.parametrize("text, answer, expected", [
     ("The answer is 3,999.", "3999", True), ("It is 13999", "3999", False), ("Brasilia is the capital", "Brasília", True),
     ("roughly 2.5 kg", "2.5", True), ("Paris.", "paris", True), ("New Delhi!", "Delhi", True), ("Newcastle", "New", False),
+    ("A hexagon has six sides.", "6", True), ("The result is -31.", "-31", True), ("It is 31.", "-31", False),
 ])
 def test_answer_matching(text, answer, expected):
     assert evaluate.matches(text, answer) is expected
