@@ -38,7 +38,7 @@ same as the reference; wording and extra explanation do not matter. End with [[c
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="the trained checkpoint (a folder from train.py)")
+    p.add_argument("--model", required=True, nargs="+", help="trained checkpoints (train.py folders), one or more")
     p.add_argument("--ref", default=train.DEFAULT_MODEL, help="the reference / initial model")
     p.add_argument("--data", help="held-out preference pairs, JSONL")
     p.add_argument("--prompts", help="prompts to answer, JSONL: id, prompt, optional answer")
@@ -79,6 +79,7 @@ def pair_report(policy, ref, pairs, loss_fn, beta):
 
 
 def evaluate_pairs(args, device):
+    """pair_report for each --model against --ref on --data; the reference's log-probs once (cached)."""
     rows, drops = train.load_pairs(args.data)
     tokenizer, ref_model = train.load_model(args.ref, device)
     pairs, tokenize_drops = train.tokenize_pairs(tokenizer, rows, args.max_length, args.max_prompt_length)
@@ -87,11 +88,13 @@ def evaluate_pairs(args, device):
     ref = train.reference_logps(ref_model, pairs, train.weights_fingerprint(ref_model, args.dtype), args.batch_size,
                                 device, args.dtype)
     del ref_model
-    _, model = train.load_model(args.model, device)
-    policy = train.pairs_logps(model, pairs, args.batch_size, device, args.dtype).float()
-    report = pair_report(policy, ref, pairs, LOSSES[args.loss], args.beta)
-    report["pairs"], report["dropped"] = len(pairs), dict(drops + tokenize_drops)
-    return report
+    reports = {}
+    for path in args.model:
+        _, model = train.load_model(path, device)
+        policy = train.pairs_logps(model, pairs, args.batch_size, device, args.dtype).float()
+        reports[path] = pair_report(policy, ref, pairs, LOSSES[args.loss], args.beta)
+        del model
+    return {"pairs": len(pairs), "dropped": dict(drops + tokenize_drops), "models": reports}
 
 
 # ----------------------------------------------------------------------------- generation
@@ -127,29 +130,30 @@ def read_prompts(path):
 
 
 def generations(args, device):
-    """Answers of the checkpoint and the reference to --prompts, same decoding; accuracy, length, judge."""
+    """Answers of the reference and each checkpoint to --prompts, same decoding; accuracy, length, judge."""
     rows = read_prompts(args.prompts)
+    keyed = [i for i, r in enumerate(rows) if r["answer"] is not None]
+    client = ChatClient(args.judge_url, args.judge_model, args.api_key_env) if args.judge_url else None
+    report = {"answered": len(rows), "with_answer_key": len(keyed), "models": {}}
     answers = {}
-    for name, path in (("policy", args.model), ("ref", args.ref)):
+    for path in [args.ref, *args.model]:
         tokenizer, model = train.load_model(path, device)
         model.eval()
         torch.manual_seed(0)
-        answers[name] = [a for start in range(0, len(rows), args.batch_size) for a in generate(
+        answers[path] = texts = [a for start in range(0, len(rows), args.batch_size) for a in generate(
             model, tokenizer, [r["prompt"] for r in rows[start:start + args.batch_size]], args.max_new_tokens,
             args.temperature)]
         del model
-    report = {name: {"mean_answer_chars": sum(map(len, texts)) / len(texts)} for name, texts in answers.items()}
-    keyed = [i for i, r in enumerate(rows) if r["answer"] is not None]
-    client = ChatClient(args.judge_url, args.judge_model, args.api_key_env) if args.judge_url else None
-    for name, texts in answers.items():
+        scores = {"mean_answer_chars": sum(map(len, texts)) / len(texts)}
         if keyed:
-            report[name]["accuracy_match"] = sum(matches(texts[i], rows[i]["answer"]) for i in keyed) / len(keyed)
+            scores["accuracy_match"] = sum(matches(texts[i], rows[i]["answer"]) for i in keyed) / len(keyed)
             if client:
-                report[name]["accuracy_judge"] = sum(grade(client, rows[i], texts[i]) for i in keyed) / len(keyed)
-    if client:
-        report["win_rate_vs_ref"] = win_rate(client, rows, answers["policy"], answers["ref"])
-    report["answered"], report["with_answer_key"] = len(rows), len(keyed)
-    report["samples"] = [{"id": r["id"], "policy": p, "ref": q} for r, p, q in zip(rows, answers["policy"], answers["ref"])]
+                scores["accuracy_judge"] = sum(grade(client, rows[i], texts[i]) for i in keyed) / len(keyed)
+        if client and path != args.ref:
+            scores["win_rate_vs_ref"] = win_rate(client, rows, texts, answers[args.ref])
+        report["models"][path] = scores
+    report["samples"] = [{"id": r["id"], **{path: texts[i] for path, texts in answers.items()}}
+                         for i, r in enumerate(rows)]
     return report
 
 
@@ -244,23 +248,25 @@ def main(argv=None):
 def print_table(results):
     if "pairs" in results:
         r = results["pairs"]
-        print(f"\nheld-out pairs: {r['pairs']}   (policy {results['model']} vs reference {results['ref']})")
-        print(f"{'':<10} {'logp ref':>10} {'logp policy':>12} {'per-token ref':>14} {'per-token policy':>17} {'reward':>8}  moved")
-        for side in ("chosen", "rejected"):
-            s = r[side]
-            print(f"{side:<10} {s['logp_ref']:>10.2f} {s['logp_policy']:>12.2f} {s['logp_per_token_ref']:>14.3f} "
-                  f"{s['logp_per_token_policy']:>17.3f} {r[f'eval/rewards/{side}']:>+8.3f}  {s['direction']}")
-        print(f"margin {r['eval/rewards/margins']:+.3f}   accuracy {r['eval/rewards/accuracies']:.3f}   "
-              f"loss {r['eval/loss']:.4f}")
+        print(f"\nheld-out pairs: {r['pairs']}, against the reference {results['ref']}")
+        print(f"{'':<32} {'logp ref':>9} {'logp':>9} {'per-token ref':>14} {'per-token':>10} {'reward':>8}  moved")
+        for path, report in r["models"].items():
+            for side in ("chosen", "rejected"):
+                s = report[side]
+                print(f"{path[-22:] + ' ' + side:<32} {s['logp_ref']:>9.2f} {s['logp_policy']:>9.2f} "
+                      f"{s['logp_per_token_ref']:>14.3f} {s['logp_per_token_policy']:>10.3f} "
+                      f"{report[f'eval/rewards/{side}']:>+8.3f}  {s['direction']}")
+            print(f"{path[-22:] + ' margin':<32} {report['eval/rewards/margins']:+.3f}   accuracy "
+                  f"{report['eval/rewards/accuracies']:.3f}   loss {report['eval/loss']:.4f}")
     if "generation" in results:
         g = results["generation"]
         print(f"\ngenerations: {g['answered']} prompts, {g['with_answer_key']} with an answer key")
-        keys = [k for k in ("accuracy_match", "accuracy_judge", "mean_answer_chars") if k in g["policy"]]
-        print(f"{'':<8}" + "".join(f"{k:>20}" for k in keys))
-        for name in ("ref", "policy"):
-            print(f"{name:<8}" + "".join(f"{g[name][k]:>20.3f}" for k in keys))
-        if "win_rate_vs_ref" in g:
-            print(f"win rate of the policy against the reference (judge, both orders): {g['win_rate_vs_ref']:.3f}")
+        keys = [k for k in ("accuracy_match", "accuracy_judge", "mean_answer_chars", "win_rate_vs_ref")
+                if any(k in m for m in g["models"].values())]
+        print(f"{'':<32}" + "".join(f"{k:>20}" for k in keys))
+        for path, scores in g["models"].items():
+            label = ("reference: " if path == results["ref"] else "") + path[-22:]
+            print(f"{label:<32}" + "".join(f"{scores[k]:>20.3f}" if k in scores else f"{'':>20}" for k in keys))
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ def test_held_out_metrics_agree_with_train(trained, tiny_model, capsys):
     results = evaluate.main(["--model", str(run / "final"), "--ref", tiny_model, "--data", eval_data])
     assert "computed" not in capsys.readouterr().out  # the reference came from train.py's cache
     last = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
-    report = results["pairs"]
+    report = results["pairs"]["models"][str(run / "final")]
     for name in train.METRICS:
         assert report[f"eval/{name}"] == pytest.approx(last[f"eval/{name}"], abs=1e-5), name
     chosen, rejected = report["chosen"], report["rejected"]
@@ -74,6 +74,8 @@ def test_answer_matching(text, answer, expected):
 
 
 def test_generation_with_answer_key_and_judge(tmp_path, tiny_model):
+    checkpoint = tmp_path / "copy"  # another path to the same weights: a second "model"
+    __import__("shutil").copytree(tiny_model, checkpoint)
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "prompt": "What is 2 + 2?", "answer": "4"},
                                                  {"id": "b", "prompt": "Write a haiku."}])
 
@@ -84,14 +86,17 @@ def test_generation_with_answer_key_and_judge(tmp_path, tiny_model):
         return "The first is better. [[A]]"  # position bias: A in both orders, so every pair scores a half
 
     with ChatServer(judge) as server:
-        results = evaluate.main(["--model", tiny_model, "--ref", tiny_model, "--prompts", prompts,
+        results = evaluate.main(["--model", str(checkpoint), "--ref", tiny_model, "--prompts", prompts,
                                  "--max-new-tokens", "5", "--judge-url", server.base_url, "--judge-model", "j",
                                  "--out", str(tmp_path / "r.json")])
-    g = results["generation"]
-    assert g["policy"]["accuracy_judge"] == 1.0 and g["win_rate_vs_ref"] == 0.5
-    assert g["policy"]["accuracy_match"] == g["ref"]["accuracy_match"]  # same model, same greedy decoding
-    assert g["policy"]["mean_answer_chars"] == g["ref"]["mean_answer_chars"]
+    ref, policy = results["generation"]["models"][tiny_model], results["generation"]["models"][str(checkpoint)]
+    assert policy["accuracy_judge"] == ref["accuracy_judge"] == 1.0 and policy["win_rate_vs_ref"] == 0.5
+    assert "win_rate_vs_ref" not in ref
+    # The same weights under greedy decoding answer alike.
+    assert policy["accuracy_match"] == ref["accuracy_match"] and policy["mean_answer_chars"] == ref["mean_answer_chars"]
     assert len(server.requests) == 2 + 4  # one grade per model for the keyed row; 2 prompts x 2 orders
+    samples = results["generation"]["samples"]
+    assert [s["id"] for s in samples] == ["a", "b"] and set(samples[0]) == {"id", tiny_model, str(checkpoint)}
     assert json.loads((tmp_path / "r.json").read_text())["generation"]["with_answer_key"] == 1
 
 
