@@ -533,6 +533,57 @@ def load_checkpoint(model, optimizer, scheduler, folder):
 
 # ----------------------------------------------------------------------------- training
 
+def reference_gap(model, pairs, ref, indices, device, dtype):
+    """Max |log pi_theta - log pi_ref| per completion token on one batch, in training mode, no grad.
+
+    At step 0 the policy is the reference, so this must be ~0: it catches dropout left on, truncation
+    or masking that differs from the precompute, and a stale cache."""
+    with torch.no_grad(), autocast(device, dtype):
+        batch = collate(pairs, indices, 0, device)
+        policy = sequence_logps(model, batch).view(2, -1).T.float().cpu()
+    tokens = batch["completion_mask"].sum(-1).view(2, -1).T.cpu()
+    gap = torch.tensor([((policy - ref[indices]).abs() / tokens).max().item()], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(gap, op=dist.ReduceOp.MAX)
+    return gap.item()
+
+
+def train_step(model, optimizer, params, pairs, ref, micro_batches, n_pairs, loss_fn, beta, device, dtype,
+               max_grad_norm):
+    """One optimizer step over this process's `micro_batches` (lists of pair indices): its metrics.
+
+    Chosen and rejected of a micro-batch share one forward. The loss is the mean over the `n_pairs` pairs
+    of the whole step on all processes, so 1 x 4 and 4 x 1 micro-batches give the same update; DDP and FSDP
+    average gradients over processes, hence the world_size(). Raises FloatingPointError, before the update,
+    when the loss or the gradient is not finite.
+    """
+    totals = torch.zeros(len(METRICS), device=device)
+    tokens, start = 0, time.time()
+    ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    for k, indices in enumerate(micro_batches):
+        batch = collate(pairs, indices, 0, device)
+        sync = not ddp or k == len(micro_batches) - 1  # DDP: all-reduce gradients on the last one only
+        with (contextlib.nullcontext() if sync else model.no_sync()), autocast(device, dtype):
+            policy_chosen, policy_rejected = sequence_logps(model, batch).view(2, -1)
+            ref_chosen, ref_rejected = ref[indices].to(device).T
+            losses = loss_fn(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
+            (losses.sum() * world_size() / n_pairs).backward()
+        totals += pair_stats(losses, policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
+        tokens += int(batch["attention_mask"].sum())
+    if dist.is_initialized():
+        dist.all_reduce(totals)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    if not (torch.isfinite(totals[0]) and torch.isfinite(grad_norm)):
+        optimizer.zero_grad(set_to_none=True)
+        raise FloatingPointError("non-finite loss or gradient")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    metrics = {name: v / n_pairs for name, v in zip(METRICS, totals.tolist())}
+    metrics.update({"grad_norm": grad_norm.item(), "tokens/s": tokens * world_size() / (time.time() - start)})
+    return metrics
+
+
 def make_scheduler(optimizer, kind, warmup, total):
     """Linear warmup to --lr, then linear or cosine decay to 0 at `total` steps."""
     def factor(step):
@@ -646,53 +697,28 @@ def main(argv=None):
     def save(name):
         save_checkpoint(model, tokenizer, optimizer, scheduler, {"step": step, "args": vars(args)}, out / name)
 
-    if step == 0:
-        run_eval()
-
-    tol = args.ref_check_tol or (1e-3 if args.dtype == "fp32" else 5e-2)
-    bar = tqdm(total=total_steps, initial=step, disable=rank() != 0, dynamic_ncols=True)
     model.train()
+    if step == 0:  # before any update: the initial model's held-out metrics, and the step-0 check
+        run_eval()
+        gap = reference_gap(model, train_pairs, ref_train, epochs[0][0][rank()][0], device, args.dtype)
+        log({"ref_check/max_abs_diff_per_token": gap})
+        tol = args.ref_check_tol or (1e-3 if args.dtype == "fp32" else 5e-2)
+        if gap > tol:
+            sys.exit(f"error: step-0 check failed: policy and cached reference log-probs differ by {gap:.2e} "
+                     f"per token (> {tol:.0e}); dropout, truncation or masking differ, or the cache is stale")
+    bar = tqdm(total=total_steps, initial=step, disable=rank() != 0, dynamic_ncols=True)
     while step < total_steps:
         epoch, index = divmod(step, steps_per_epoch)
-        micro_batches = epochs[epoch][index][rank()]
         n_pairs = sum(len(b) for share in epochs[epoch][index] for b in share)  # all processes
-        totals = torch.zeros(len(METRICS), device=device)
-        tokens, start = 0, time.time()
-        for k, indices in enumerate(micro_batches):
-            batch = collate(train_pairs, indices, 0, device)
-            sync = k == len(micro_batches) - 1 or not isinstance(model, torch.nn.parallel.DistributedDataParallel)
-            with (contextlib.nullcontext() if sync else model.no_sync()), autocast(device, args.dtype):
-                policy_chosen, policy_rejected = sequence_logps(model, batch).view(2, -1)
-                ref_chosen, ref_rejected = ref_train[indices].to(device).T
-                if step == 0 and k == 0 and not resume_from:
-                    # Step-0 check: the policy is the reference, so its log-probs must match the cache.
-                    per_token = batch["completion_mask"].sum(-1).view(2, -1)
-                    gap = ((torch.stack([policy_chosen, policy_rejected]) - torch.stack([ref_chosen, ref_rejected]))
-                           .abs().detach() / per_token).max().item()
-                    log({"ref_check/max_abs_diff_per_token": gap})
-                    if gap > tol:
-                        sys.exit(f"error: step-0 check failed: policy and cached reference log-probs differ by "
-                                 f"{gap:.2e} per token (> {tol:.0e}); dropout, truncation or masking differ")
-                losses = loss_fn(policy_chosen, policy_rejected, ref_chosen, ref_rejected, args.beta)
-                # The mean over the pairs of the whole optimizer step, all processes: 1 x 4 and 4 x 1 give
-                # one update. DDP and FSDP average gradients over processes, hence the world_size().
-                (losses.sum() * world_size() / n_pairs).backward()
-            totals += pair_stats(losses, policy_chosen, policy_rejected, ref_chosen, ref_rejected, args.beta)
-            tokens += int(batch["attention_mask"].sum())
-        if dist.is_initialized():
-            dist.all_reduce(totals)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        if not (torch.isfinite(totals[0]) and torch.isfinite(grad_norm)):
-            sys.exit(f"error: non-finite loss or gradient at step {step + 1}; the last checkpoint in {out} is kept")
         lr = scheduler.get_last_lr()[0]
-        optimizer.step()
+        try:
+            metrics = train_step(model, optimizer, params, train_pairs, ref_train, epochs[epoch][index][rank()],
+                                 n_pairs, loss_fn, args.beta, device, args.dtype, args.max_grad_norm)
+        except FloatingPointError as e:
+            sys.exit(f"error: {e} at step {step + 1}; the last checkpoint in {out} is kept")
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
         step += 1
-        metrics = {name: v / n_pairs for name, v in zip(METRICS, totals.tolist())}
-        metrics.update({"grad_norm": grad_norm.item(), "lr": lr,
-                        "tokens/s": tokens * world_size() / (time.time() - start), "epoch": epoch})
+        metrics.update({"lr": lr, "epoch": epoch})
         bar.update()
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", margin=f"{metrics['rewards/margins']:.3f}")
         if step % args.log_every == 0:
