@@ -260,51 +260,38 @@ def pair_key(pair):
 
 # ----------------------------------------------------------------------------- batching
 
-def pair_length(pair):
-    """Padded width a pair needs: the prompt plus its longer completion."""
-    return len(pair["prompt"]) + max(len(pair["chosen"]), len(pair["rejected"]))
+def in_order(n, batch_size):
+    """Batches of indices 0..n-1 in order: for the reference precompute and evaluation."""
+    return [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
 
 
-def sorted_batches(pairs, batch_size):
-    """Batches of pair indices by decreasing length: the order for precompute and evaluation."""
-    order = sorted(range(len(pairs)), key=lambda i: -pair_length(pairs[i]))
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+def train_batches(n, batch_size, seed, epoch):
+    """One epoch of batches of pair indices, reshuffled every epoch."""
+    order = list(range(n))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return [order[i:i + batch_size] for i in range(0, n, batch_size)]
 
 
-def train_batches(pairs, batch_size, seed, epoch, group=32):
-    """A shuffled epoch of batches with little padding.
+def collate(pairs, indices, device):
+    """One forward's tensors: the chosen of each pair, then the rejected, packed end to end in one row.
 
-    Shuffle, cut into groups of `group` batches, sort each group by length, cut it into batches, then
-    shuffle the batches: similar lengths share a batch, and the order stays random.
+    No padding: position ids restart at 0 with every sequence, from which transformers keeps attention
+    inside each sequence (its packed-sequence mask; varlen kernels with flash attention). Positionally,
+    with no pad id involved: `targets` are the positions whose next token is a completion token, `labels`
+    those tokens, `sequence` which of the 2 * len(indices) sequences each belongs to.
     """
-    rng = random.Random(seed * 1_000_003 + epoch)
-    order = list(range(len(pairs)))
-    rng.shuffle(order)
-    batches, span = [], batch_size * group
-    for start in range(0, len(order), span):
-        chunk = sorted(order[start:start + span], key=lambda i: -pair_length(pairs[i]))
-        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
-    rng.shuffle(batches)
-    return batches
-
-
-def collate(pairs, indices, pad_id, device):
-    """One forward's tensors: rows are the chosen of each pair, then the rejected, right-padded.
-
-    The completion mask is positional: 1 exactly on the completion tokens, never derived from pad ids.
-    """
-    seqs = [(pairs[i]["prompt"], pairs[i][side]) for side in ("chosen", "rejected") for i in indices]
-    width = max(len(p) + len(c) for p, c in seqs)
-    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    completion_mask = torch.zeros((len(seqs), width), dtype=torch.bool)
-    for row, (prompt, completion) in enumerate(seqs):
-        n = len(prompt) + len(completion)
-        input_ids[row, :n] = torch.tensor(prompt + completion)
-        attention_mask[row, :n] = 1
-        completion_mask[row, len(prompt):n] = True
-    return {k: v.to(device) for k, v in
-            {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}.items()}
+    input_ids, position_ids, targets, sequence = [], [], [], []
+    for n, (prompt, completion) in enumerate((pairs[i]["prompt"], pairs[i][side])
+                                             for side in ("chosen", "rejected") for i in indices):
+        start = len(input_ids)
+        input_ids += prompt + completion
+        position_ids += range(len(prompt) + len(completion))
+        targets += range(start + len(prompt) - 1, len(input_ids) - 1)
+        sequence += [n] * len(completion)
+    input_ids, targets = torch.tensor(input_ids), torch.tensor(targets)
+    batch = {"input_ids": input_ids[None], "position_ids": torch.tensor(position_ids)[None], "targets": targets,
+             "labels": input_ids[targets + 1], "sequence": torch.tensor(sequence)}
+    return {k: v.to(device) for k, v in batch.items()} | {"sequences": 2 * len(indices)}
 
 
 # ----------------------------------------------------------------------------- log-probs
@@ -315,24 +302,23 @@ def _token_logps(logits, labels):
     return logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
 
 
-def sequence_logps(model, batch):
-    """Summed log pi(completion | prompt) of every row of `batch`, float32, shape [rows].
+def sequence_logps(model, batch, chunk=512):
+    """Summed log pi(completion | prompt) of every sequence of `batch`, float32, shape [sequences].
 
-    The one log-prob function: reference precompute, training and evaluation all call it. Logits are
-    computed only from the earliest completion position on (logits_to_keep), and turned into log-probs
-    one row at a time in float32; with grad enabled each row is recomputed in backward (checkpoint), so
-    at most one row's float32 logits exist beyond the model's own output.
+    The one log-prob function: reference precompute, training and evaluation all call it. The model
+    computes logits only at the target positions (logits_to_keep), and they become log-probs `chunk`
+    positions at a time in float32; with grad enabled each chunk is recomputed in backward (checkpoint),
+    so at most one chunk's float32 logits exist beyond the model's own output.
     """
-    input_ids, completion_mask = batch["input_ids"], batch["completion_mask"]
-    first = int(completion_mask.int().argmax(-1).min())  # earliest first completion token; >= 1
-    logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"],
-                   logits_to_keep=input_ids.shape[1] - first + 1, use_cache=False).logits[:, :-1]
-    labels, mask = input_ids[:, first:], completion_mask[:, first:]
+    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                   logits_to_keep=batch["targets"], use_cache=False).logits[0]
+    pieces = zip(logits.split(chunk), batch["labels"].split(chunk))
     if torch.is_grad_enabled():
-        token_logps = [checkpoint(_token_logps, logits[i], labels[i], use_reentrant=False) for i in range(len(labels))]
+        token_logps = [checkpoint(_token_logps, x, y, use_reentrant=False) for x, y in pieces]
     else:
-        token_logps = [_token_logps(logits[i], labels[i]) for i in range(len(labels))]
-    return (torch.stack(token_logps) * mask).sum(-1)
+        token_logps = [_token_logps(x, y) for x, y in pieces]
+    sums = torch.zeros(batch["sequences"], dtype=torch.float32, device=logits.device)
+    return sums.index_add(0, batch["sequence"], torch.cat(token_logps))
 
 
 def autocast(device, dtype):
@@ -421,8 +407,8 @@ def pairs_logps(model, pairs, batch_size, device, dtype):
     was_training = model.training
     model.eval()
     with torch.no_grad(), autocast(device, dtype):
-        for indices, real in shard_batches(sorted_batches(pairs, batch_size)):
-            logps = sequence_logps(model, collate(pairs, indices, 0, device)).view(2, -1).T.tolist()
+        for indices, real in shard_batches(in_order(len(pairs), batch_size)):
+            logps = sequence_logps(model, collate(pairs, indices, device)).view(2, -1).T.tolist()
             if real:
                 computed += zip(indices, logps)
     model.train(was_training)
@@ -539,9 +525,9 @@ def reference_gap(model, pairs, ref, indices, device, dtype):
     At step 0 the policy is the reference, so this must be ~0: it catches dropout left on, truncation
     or masking that differs from the precompute, and a stale cache."""
     with torch.no_grad(), autocast(device, dtype):
-        batch = collate(pairs, indices, 0, device)
+        batch = collate(pairs, indices, device)
         policy = sequence_logps(model, batch).view(2, -1).T.float().cpu()
-    tokens = batch["completion_mask"].sum(-1).view(2, -1).T.cpu()
+    tokens = torch.bincount(batch["sequence"].cpu(), minlength=batch["sequences"]).view(2, -1).T
     gap = torch.tensor([((policy - ref[indices]).abs() / tokens).max().item()], device=device)
     if dist.is_initialized():
         dist.all_reduce(gap, op=dist.ReduceOp.MAX)
@@ -561,7 +547,7 @@ def train_step(model, optimizer, params, pairs, ref, micro_batches, n_pairs, los
     tokens, start = 0, time.time()
     ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
     for k, indices in enumerate(micro_batches):
-        batch = collate(pairs, indices, 0, device)
+        batch = collate(pairs, indices, device)
         sync = not ddp or k == len(micro_batches) - 1  # DDP: all-reduce gradients on the last one only
         with (contextlib.nullcontext() if sync else model.no_sync()), autocast(device, dtype):
             policy_chosen, policy_rejected = sequence_logps(model, batch).view(2, -1)
@@ -569,7 +555,7 @@ def train_step(model, optimizer, params, pairs, ref, micro_batches, n_pairs, los
             losses = loss_fn(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
             (losses.sum() * world_size() / n_pairs).backward()
         totals += pair_stats(losses, policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
-        tokens += int(batch["attention_mask"].sum())
+        tokens += batch["input_ids"].numel()
     if dist.is_initialized():
         dist.all_reduce(totals)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
@@ -634,7 +620,7 @@ def main(argv=None):
 
     # The optimizer steps of the run: per step, per process, a list of micro-batches (pair indices).
     def epoch_steps(epoch):
-        batches = train_batches(train_pairs, args.batch_size, args.seed, epoch)
+        batches = train_batches(len(train_pairs), args.batch_size, args.seed, epoch)
         per_process = len(batches) // world_size()
         shares = [batches[r::world_size()][:per_process] for r in range(world_size())]
         return [[share[i:i + args.grad_accum] for share in shares] for i in range(0, per_process, args.grad_accum)]
