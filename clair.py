@@ -214,7 +214,8 @@ def run_jobs(jobs, work, out, workers, desc):
                     counts["done" if row is not None else "dropped"] += 1
                 bar.update()
                 bar.set_postfix(done=counts["done"], failed=counts["failed"], dropped=counts["dropped"],
-                                rps=f"{(counts['done'] + counts['dropped']) / (time.time() - start):.1f}")
+                                rps=f"{(counts['done'] + counts['dropped']) / (time.time() - start):.1f}",
+                                refresh=False)  # drawn at tqdm's own pace, not once per request
     print(f"{desc}: {counts['done']} written to {out}, {counts['dropped']} dropped to {rejects_path}, "
           f"{counts['failed']} failed (rerun to retry), {counts['skipped']} already done")
     return counts

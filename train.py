@@ -68,6 +68,8 @@ def parse_args(argv=None):
     p.add_argument("--max-prompt-length", type=int, default=192)
     p.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="default: bf16 on CUDA, else fp32")
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--attn-implementation", default=None,
+                   help="transformers' attention kernel, e.g. flash_attention_2 (default: sdpa)")
     p.add_argument("--fsdp", action="store_true", help="shard parameters, gradients and optimizer state")
     p.add_argument("--log-every", type=int, default=1)
     p.add_argument("--eval-every", type=int, default=0, help="0: evaluate at step 0 and at the end only")
@@ -109,7 +111,7 @@ def resolve_model(name):
     return str(cached)
 
 
-def load_model(name, device="cpu"):
+def load_model(name, device="cpu", attn_implementation=None):
     """Tokenizer and float32 causal LM for `name` (a path, a hub id, or the embedded default)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging
@@ -119,7 +121,8 @@ def load_model(name, device="cpu"):
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.chat_template is None:
         sys.exit(f"{name}: the tokenizer has no chat template; use a chat (instruct) model")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attn_implementation)
+    model = model.to(device)
     return tokenizer, model
 
 
@@ -607,7 +610,7 @@ def main(argv=None):
     # Data: rows -> token ids, with every drop counted.
     try:
         train_rows, eval_rows, drops = load_splits(args)
-        tokenizer, model = load_model(args.model)
+        tokenizer, model = load_model(args.model, attn_implementation=args.attn_implementation)
         train_pairs, train_drops = tokenize_pairs(tokenizer, train_rows, args.max_length, args.max_prompt_length)
         eval_pairs, eval_drops = tokenize_pairs(tokenizer, eval_rows, args.max_length, args.max_prompt_length)
     except DataError as e:

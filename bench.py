@@ -1,0 +1,295 @@
+"""Measure the training path against its targets, side by side in one run, and print a table.
+
+    python bench.py              # SmolLM2-135M-Instruct on the bundled CLAIR data (about 10 minutes on 2 CPU cores)
+    python bench.py --tiny       # a tiny random Llama instead: the whole table in about a minute
+    python bench.py --gpu        # on CUDA: tokens/s, MFU and peak memory for SmolLM2-135M and a 1.1B Llama, bf16
+
+Rows: (1) train.py's full training step against a bare padded forward+backward of the same pairs;
+(2) padding efficiency of train.py's batches; (3) reference precompute against training throughput, and
+a cache hit; (4) peak memory with precomputed reference log-probs against a live reference model, and of
+the log-prob computation against the naive float32 log-softmax; (5) clair.py against a loopback server
+that answers after 100 ms, and Levenshtein on 3,000-character pairs; (6) GPU throughput (--gpu).
+Memory rows run in child processes (peak RSS on CPU, peak allocated on CUDA) so they do not mix.
+"""
+
+import argparse
+import json
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import train
+from apo import apo_zero_loss
+
+HERE = Path(__file__).resolve().parent
+ROWS = []
+
+
+def row(measurement, value, target="", met=None):
+    ROWS.append((measurement, value, target, "" if met is None else ("yes" if met else "**no**")))
+    print(f"  {measurement}: {value}", flush=True)
+
+
+def setup(args, device):
+    """Model, tokenised bundled pairs, optimizer, and the first optimizer step's micro-batches."""
+    if args.tiny:
+        from conftest import make_tiny_model
+
+        args.model = make_tiny_model(Path(tempfile.mkdtemp()) / "tiny")
+    tokenizer, model = train.load_model(args.model, device)
+    train.disable_dropout(model)
+    rows, _ = train.load_pairs(HERE / "data" / "clair_train.jsonl")
+    pairs, _ = train.tokenize_pairs(tokenizer, rows, 384, 192)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-7)
+    batches = train.train_batches(len(pairs), args.batch_size, 0, 0)
+    return tokenizer, model, pairs, optimizer, batches
+
+
+def padded(pairs, indices, pad_id, device):
+    """The bare baseline's batch: the same sequences right-padded to one width, and LM labels."""
+    seqs = [pairs[i]["prompt"] + pairs[i][side] for side in ("chosen", "rejected") for i in indices]
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), pad_id)
+    mask = torch.zeros_like(ids)
+    for r, s in enumerate(seqs):
+        ids[r, :len(s)], mask[r, :len(s)] = torch.tensor(s), 1
+    return ids.to(device), mask.to(device), ids.masked_fill(mask == 0, -100).to(device)
+
+
+def timed(fn, repeats):
+    fn()  # warm-up
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    sync()
+    return (time.perf_counter() - start) / repeats
+
+
+def bench_training(args, device):
+    tokenizer, model, pairs, optimizer, batches = setup(args, device)
+    dtype = "bf16" if device.type == "cuda" else "fp32"
+    step = batches[:args.grad_accum]
+    n_pairs = sum(map(len, step))
+    ref = torch.zeros(len(pairs), 2)
+    log = open(Path(tempfile.mkdtemp()) / "metrics.jsonl", "w")
+
+    def full_step():  # exactly what train.py's loop does per step, logging included
+        metrics = train.train_step(model, optimizer, list(model.parameters()), pairs, ref, step, n_pairs,
+                                   apo_zero_loss, 0.1, device, dtype, 1.0)
+        log.write(json.dumps(metrics) + "\n")
+        log.flush()
+
+    def bare_step():  # a padded forward+backward with the plain LM loss, and the same optimizer step
+        for indices in step:
+            ids, mask, labels = padded(pairs, indices, tokenizer.pad_token_id, device)
+            with train.autocast(device, dtype):
+                model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    model.train()
+    t_full, t_bare = timed(full_step, args.repeats), timed(bare_step, args.repeats)
+    row("1. training step / bare padded forward+backward", f"{t_full:.2f} s / {t_bare:.2f} s = {t_full / t_bare:.2f}x",
+        "<= 1.10x", t_full / t_bare <= 1.10)
+
+    real = sum(2 * len(p["prompt"]) + len(p["chosen"]) + len(p["rejected"]) for p in pairs)
+    processed = sum(train.collate(pairs, b, "cpu")["input_ids"].numel() for b in batches)
+    right_padded = sum(2 * len(b) * max(len(pairs[i]["prompt"]) + len(pairs[i][s]) for i in b
+                                        for s in ("chosen", "rejected")) for b in batches)
+    row("2. padding efficiency, real / processed tokens (one epoch)",
+        f"{real / processed:.3f} (right-padded rows would give {real / right_padded:.3f})", ">= 0.90",
+        real / processed >= 0.90)
+
+    train_tps = sum(train.collate(pairs, b, "cpu")["input_ids"].numel() for b in step) / t_full
+    subset = pairs[:args.precompute_pairs]
+    start = time.perf_counter()
+    train.pairs_logps(model, subset, 2 * args.batch_size, device, dtype)
+    elapsed = time.perf_counter() - start
+    precompute_tps = sum(2 * len(p["prompt"]) + len(p["chosen"]) + len(p["rejected"]) for p in subset) / elapsed
+    row("3. reference precompute / training throughput", f"{precompute_tps:.0f} / {train_tps:.0f} tokens/s = "
+        f"{precompute_tps / train_tps:.1f}x", ">= 2.5x", precompute_tps / train_tps >= 2.5)
+    with tempfile.TemporaryDirectory() as cache:
+        train.REF_CACHE = Path(cache)
+        train.reference_logps(model, subset, train.weights_fingerprint(model, dtype), 2 * args.batch_size, device, dtype)
+        start = time.perf_counter()  # a second run: fingerprint the weights, key the pairs, read the cache
+        train.reference_logps(model, subset, train.weights_fingerprint(model, dtype), 2 * args.batch_size, device, dtype)
+        hit = time.perf_counter() - start
+    row("3. reference cache hit (weights fingerprint included)", f"{hit:.2f} s", "< 1 s", hit < 1)
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def child(args, mode):
+    """Peak memory of two training steps in a fresh process (run by bench_memory)."""
+    device = torch.device(args.device)
+    tokenizer, model, pairs, optimizer, batches = setup(args, device)
+    dtype = "bf16" if device.type == "cuda" else "fp32"
+    model.train()
+    reference = None
+    if mode == "live":
+        _, reference = train.load_model(args.model, device)
+        reference.eval()
+    for indices in batches[:2]:
+        if mode == "naive":  # full-vocabulary float32 log-softmax of the padded batch
+            ids, mask, labels = padded(pairs, indices, tokenizer.pad_token_id, device)
+            with train.autocast(device, dtype):
+                logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
+            logps = torch.log_softmax(logits.float(), -1)
+            target = labels[:, 1:]
+            picked = logps.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            (picked * (target != -100)).sum().backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            continue
+        ref = torch.zeros(len(pairs), 2)
+        if reference is not None:
+            with torch.no_grad(), train.autocast(device, dtype):
+                ref[indices] = train.sequence_logps(reference, train.collate(pairs, indices, device)).view(2, -1).T.cpu()
+        train.train_step(model, optimizer, list(model.parameters()), pairs, ref, [indices], len(indices),
+                         apo_zero_loss, 0.1, device, dtype, 1.0)
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def bench_memory(args, weight_bytes):
+    def peak(mode):
+        command = [sys.executable, __file__, "--child", mode, "--model", args.model, "--device", args.device,
+                   "--batch-size", str(args.batch_size)] + (["--tiny"] if args.tiny else [])
+        out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+        return int(out.strip().splitlines()[-1])
+
+    gib = 2 ** 30
+    live, precomputed = peak("live"), peak("precomputed")
+    row("4. peak memory: live reference model / precomputed log-probs",
+        f"{live / gib:.2f} / {precomputed / gib:.2f} GiB, saves {(live - precomputed) / gib:.2f} GiB "
+        f"(reference weights {weight_bytes / gib:.2f} GiB)", ">= the reference's weights",
+        live - precomputed >= 0.9 * weight_bytes)
+    naive = peak("naive")
+    row("4. peak memory: naive float32 log-softmax / gather-logsumexp", f"{naive / gib:.2f} / {precomputed / gib:.2f} GiB",
+        "below naive", precomputed < naive)
+
+
+def serve(urls, stop):
+    """The loopback server, in its own process so that it does not share the client's interpreter lock."""
+    from conftest import ChatServer
+
+    with ChatServer(lambda body: "{corrected_student_solution}: ok", delay=0.1) as server:
+        urls.put(server.base_url)
+        stop.wait()
+
+
+def bench_clair():
+    import multiprocessing
+
+    import clair
+
+    n, workers = 640, 32
+    urls, stop = multiprocessing.Queue(), multiprocessing.Event()
+    server = multiprocessing.Process(target=serve, args=(urls, stop))
+    server.start()
+    with tempfile.TemporaryDirectory() as tmp:
+        samples = Path(tmp) / "samples.jsonl"
+        samples.write_text("".join(json.dumps({"id": str(i), "prompt": "q", "completion": "a"}) + "\n" for i in range(n)))
+        start = time.perf_counter()
+        clair.main(["revise", "--in", str(samples), "--out", str(Path(tmp) / "out.jsonl"),
+                    "--base-url", urls.get(timeout=30), "--model", "m", "--workers", str(workers)])
+        rps = n / (time.perf_counter() - start)
+    stop.set()
+    server.join()
+    target = 0.8 * workers / 0.1
+    row(f"5. clair.py revise, {workers} workers, server answers after 100 ms", f"{rps:.0f} requests/s",
+        f">= {target:.0f}", rps >= target)
+
+    rng = random.Random(0)
+    words = "the of a to and model answer revision student teacher correct clear engaging".split()
+    pairs = []
+    for _ in range(20):
+        a = " ".join(rng.choice(words) for _ in range(600))[:3000]
+        b = list(a)
+        for _ in range(90):  # about 3% of the characters edited, as in a minimal revision
+            b[rng.randrange(len(b))] = rng.choice("abcdefgh ")
+        pairs.append((a, "".join(b)))
+    unrelated = [(a, pairs[(i + 1) % len(pairs)][0]) for i, (a, _) in enumerate(pairs)]
+    for name, group in (("minimal revisions", pairs), ("unrelated texts", unrelated)):
+        start = time.perf_counter()
+        for a, b in group:
+            clair.levenshtein(a, b)
+        row(f"5. Levenshtein, 3,000-character {name}", f"{len(group) / (time.perf_counter() - start):.0f} pairs/s")
+
+
+def bench_gpu(args, device):
+    """Tokens/s, model-FLOPs utilisation and peak memory at bf16, sequences of 1,024 tokens."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    peak_flops = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    peak = next((v for k, v in peak_flops.items() if k in name), None)
+    llama_1b = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                           num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048)
+    if args.tiny:  # the same code path in seconds, to check it on a CPU
+        llama_1b = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)
+        args.model = setup(args, device)[0].name_or_path
+    models = {"SmolLM2-135M": lambda: train.load_model(args.model, device)[1],
+              "Llama 1.1B (TinyLlama shape, random)": lambda: LlamaForCausalLM(llama_1b).to(device)}
+    rng = random.Random(0)
+    for label, make in models.items():
+        model = make()
+        vocab = model.config.vocab_size
+        seq = lambda n: [rng.randrange(vocab) for _ in range(n)]
+        pairs = [{"prompt": seq(128), "chosen": seq(896), "rejected": seq(896)} for _ in range(args.batch_size)]
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-7)
+        model.train()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        step = [list(range(len(pairs)))]
+        seconds = timed(lambda: train.train_step(model, optimizer, list(model.parameters()), pairs,
+                                                 torch.zeros(len(pairs), 2), step, len(pairs), apo_zero_loss, 0.1,
+                                                 device, "bf16", 1.0), args.repeats)
+        tokens = 2 * len(pairs) * 1024
+        params = sum(p.numel() for p in model.parameters())
+        mfu = f", MFU {6 * params * tokens / seconds / peak:.1%}" if peak else ""
+        memory = f", peak {torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GiB" if device.type == "cuda" else ""
+        row(f"6. {label} on {name}, bf16, {2 * len(pairs)} x 1,024 tokens", f"{tokens / seconds:.0f} tokens/s{mfu}{memory}")
+        del model, optimizer
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=train.DEFAULT_MODEL)
+    p.add_argument("--tiny", action="store_true", help="a tiny random Llama instead of SmolLM2")
+    p.add_argument("--gpu", action="store_true", help="only the GPU throughput rows")
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--grad-accum", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--precompute-pairs", type=int, default=24)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    device = torch.device(args.device)
+    if args.child:
+        print(child(args, args.child))
+        return
+    machine = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"bench on {machine}, model {'tiny random Llama' if args.tiny else args.model}")
+    if args.gpu:
+        bench_gpu(args, device)
+    else:
+        weight_bytes = bench_training(args, device)
+        bench_memory(args, weight_bytes)
+        bench_clair()
+    print(f"\n| measurement | value | target | met |\n|---|---|---|---|")
+    for measurement, value, target, met in ROWS:
+        print(f"| {measurement} | {value} | {target} | {met} |")
+
+
+if __name__ == "__main__":
+    main()
