@@ -194,6 +194,21 @@ def test_grad_accumulation_does_not_change_the_update(tmp_path, tiny_model, ref_
         torch.testing.assert_close(wa[name], wb[name], atol=1e-5, rtol=0)
 
 
+def test_gradient_checkpointing_gives_the_same_step(tmp_path, tiny_model, ref_cache):
+    _, plain = run_train(tmp_path, tiny_model, "plain", "--max-steps", "1")
+    _, checkpointed = run_train(tmp_path, tiny_model, "gc", "--max-steps", "1", "--gradient-checkpointing")
+    step_a, step_b = [[m for m in ms if "loss" in m][0] for ms in (plain, checkpointed)]
+    assert step_a["loss"] == pytest.approx(step_b["loss"], rel=1e-6)
+    assert step_a["grad_norm"] == pytest.approx(step_b["grad_norm"], rel=1e-5)
+
+
+def test_rmsprop_and_cosine_schedule(tmp_path, tiny_model, ref_cache):
+    _, metrics = run_train(tmp_path, tiny_model, "rms", "--max-steps", "4", "--epochs", "2", "--optimizer", "rmsprop",
+                           "--lr-scheduler", "cosine", "--warmup-ratio", "0.25")
+    lrs = [m["lr"] for m in metrics if "loss" in m]
+    assert lrs[0] < lrs[1] and lrs[1] > lrs[2] > lrs[3] > 0  # one warmup step, then cosine decay
+
+
 def test_resume_reproduces_an_uninterrupted_run(tmp_path, tiny_model, ref_cache):
     args = ["--max-steps", "4", "--save-every", "2", "--batch-size", "2", "--grad-accum", "2"]
     full, metrics_full = run_train(tmp_path, tiny_model, "full", *args)

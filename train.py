@@ -642,8 +642,11 @@ def main(argv=None):
     disable_dropout(model)
     fingerprint = weights_fingerprint(model, args.dtype)
     model.to(device)
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if args.gradient_checkpointing:  # transformers 5 renamed it; the old name works until v6
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = wrap_model(model, args.fsdp)
     # The optimizer before any forward: FSDP2 swaps root parameters on its first forward.
     params = [p for p in model.parameters() if p.requires_grad]
