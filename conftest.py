@@ -2,6 +2,7 @@
 
 import json
 import random
+import socket
 
 import pytest
 import torch
@@ -94,6 +95,10 @@ class ChatServer:
 
             def log_message(self, *args):
                 pass
+
+            def setup(self):
+                super().setup()  # headers and body go out in two writes: no 40 ms Nagle/delayed-ACK stall
+                self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
             def send(self, status, body, headers=()):
                 data = body.encode()

@@ -11,6 +11,7 @@ cache when it holds them. Tokenisation and log-probs are train.py's own function
 
 import argparse
 import json
+import math
 import re
 import sys
 import unicodedata
@@ -211,9 +212,10 @@ def plot(argv):
             ax.set_xlabel("optimizer step")
             ax.grid(alpha=0.3)
     axes[1].axhline(0, color="black", linewidth=0.8)
-    axes[0].legend(fontsize=8)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8, frameon=False)
     fig.suptitle("Held-out chosen (solid) and rejected (dashed) outputs during training", fontsize=12)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06 * math.ceil(len(labels) / 4), 1, 1))
     fig.savefig(args.out, dpi=120)
     print(f"wrote {args.out}")
     return args.out
