@@ -15,7 +15,6 @@ Memory rows run in child processes (peak RSS on CPU, peak allocated on CUDA) so 
 import argparse
 import json
 import random
-import resource
 import subprocess
 import sys
 import tempfile
@@ -156,7 +155,9 @@ def child(args, mode):
                          apo_zero_loss, 0.1, device, dtype, 1.0)
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # VmHWM, not getrusage: ru_maxrss survives fork and exec, so a child would start at its parent's peak.
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+    return int(status["VmHWM"].split()[0]) * 1024
 
 
 def bench_memory(args, weight_bytes):
@@ -238,8 +239,9 @@ def bench_gpu(args, device):
         llama_1b = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)
         args.model = setup(args, device)[0].name_or_path
-    models = {"SmolLM2-135M": lambda: train.load_model(args.model, device)[1],
-              "Llama 1.1B (TinyLlama shape, random)": lambda: LlamaForCausalLM(llama_1b).to(device)}
+    stand_in = "tiny stand-in for " if args.tiny else ""
+    models = {f"{stand_in}SmolLM2-135M": lambda: train.load_model(args.model, device)[1],
+              f"{stand_in}Llama 1.1B (TinyLlama shape, random)": lambda: LlamaForCausalLM(llama_1b).to(device)}
     rng = random.Random(0)
     for label, make in models.items():
         model = make()
