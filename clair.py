@@ -90,6 +90,12 @@ def parse_verdict(reply):
     return verdicts[-1].upper().replace("TIE", "tie") if verdicts else None
 
 
+def judge(client, task, a, b, max_tokens=1024):
+    """The judge's verdict on answers A and B to `task`: 'A', 'B', 'tie' or None (greedy decoding)."""
+    return parse_verdict(client.complete([{"role": "user", "content": fill(JUDGE_PROMPT, task=task, a=a, b=b)}],
+                                         0.0, max_tokens))
+
+
 def prompt_text(prompt):
     """The task as text: a string prompt, or the chat messages' contents."""
     return prompt if isinstance(prompt, str) else "\n\n".join(m["content"] for m in prompt)
@@ -350,11 +356,6 @@ def cmd_judge(args):
         groups.setdefault(row["prompt_id"], []).append(row)
     client = ChatClient(args.base_url, args.model, args.api_key_env, args.timeout, args.max_retries)
 
-    def verdict(task, a, b):
-        reply = client.complete([{"role": "user", "content": fill(JUDGE_PROMPT, task=task, a=a, b=b)}], 0.0,
-                                args.max_tokens)
-        return parse_verdict(reply)
-
     def work(rows):
         if len(rows) < 2:
             return None, {"reason": "fewer than two samples"}
@@ -362,8 +363,8 @@ def cmd_judge(args):
         if first["completion"] == second["completion"]:
             return None, {"reason": "identical samples"}
         task = prompt_text(first["prompt"])
-        forward, backward = verdict(task, first["completion"], second["completion"]), \
-            verdict(task, second["completion"], first["completion"])
+        forward = judge(client, task, first["completion"], second["completion"], args.max_tokens)
+        backward = judge(client, task, second["completion"], first["completion"], args.max_tokens)
         winner = {("A", "B"): first, ("B", "A"): second}.get((forward, backward))
         if winner is None:
             reason = "tie" if "tie" in (forward, backward) else "orders disagree or no verdict"

@@ -21,7 +21,7 @@ import torch
 
 import train
 from apo import LOSSES
-from clair import JUDGE_PROMPT, ChatClient, FatalRequestError, as_messages, fill, generate, parse_verdict, prompt_text
+from clair import ChatClient, FatalRequestError, fill, generate, judge, prompt_text
 
 GRADER_PROMPT = """\
 Grade a response against the reference answer to a question. It is correct when its final answer means the \
@@ -172,9 +172,7 @@ def win_rate(client, rows, policy, ref):
     total = 0.0
     for row, mine, theirs in zip(rows, policy, ref):
         task = prompt_text(row["prompt"])
-        ask = lambda a, b: parse_verdict(client.complete(
-            [{"role": "user", "content": fill(JUDGE_PROMPT, task=task, a=a, b=b)}], 0.0, 1024))
-        total += score[ask(mine, theirs)] + (1.0 - score[ask(theirs, mine)])
+        total += score[judge(client, task, mine, theirs)] + (1.0 - score[judge(client, task, theirs, mine)])
     return total / (2 * len(rows))
 
 
