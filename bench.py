@@ -288,7 +288,7 @@ def main():
         weight_bytes = bench_training(args, device)
         bench_memory(args, weight_bytes)
         bench_clair()
-    print(f"\n| measurement | value | target | met |\n|---|---|---|---|")
+    print("\n| measurement | value | target | met |\n|---|---|---|---|")
     for measurement, value, target, met in ROWS:
         print(f"| {measurement} | {value} | {target} | {met} |")
 

@@ -32,7 +32,7 @@ def test_held_out_metrics_agree_with_train(trained, tiny_model, capsys):
     report = results["pairs"]["models"][str(run / "final")]
     for name in train.METRICS:
         assert report[f"eval/{name}"] == pytest.approx(last[f"eval/{name}"], abs=1e-5), name
-    chosen, rejected = report["chosen"], report["rejected"]
+    chosen = report["chosen"]
     for side in ("chosen", "rejected"):
         assert report[side]["direction"] == ("up" if report[f"eval/rewards/{side}"] > 0 else "down")
     assert chosen["logp_policy"] - chosen["logp_ref"] == pytest.approx(report["eval/rewards/chosen"] / 0.1, rel=1e-4)
