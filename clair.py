@@ -156,6 +156,11 @@ class ChatClient:
             time.sleep(wait_s)
 
 
+def client_for(args):
+    """The ChatClient of a subcommand's --base-url, --model, --api-key-env, --timeout and --max-retries."""
+    return ChatClient(args.base_url, args.model, args.api_key_env, args.timeout, args.max_retries)
+
+
 # ----------------------------------------------------------------------------- resumable output
 
 def done_ids(path):
@@ -264,7 +269,7 @@ def cmd_sample(args):
         return {**out, "prompt_id": str(row["id"]), "sample_index": k} if args.n > 1 else out
 
     if args.base_url:
-        client = ChatClient(args.base_url, args.model, args.api_key_env, args.timeout, args.max_retries)
+        client = client_for(args)
         work = lambda job: (record(*job, client.complete(as_messages(job[0]["prompt"]), args.temperature,
                                                           args.max_tokens), args.model), None)
         return run_jobs(jobs, work, args.out, args.workers, "sample")
@@ -317,7 +322,7 @@ def cmd_revise(args):
     if "[[TASK]]" not in template or "[[STUDENT_SOLUTION]]" not in template:
         sys.exit(f"error: {args.prompt_file}: the prompt must contain [[TASK]] and [[STUDENT_SOLUTION]]")
     samples = read_rows(args.inp, ["id", "prompt", "completion"])
-    client = ChatClient(args.base_url, args.model, args.api_key_env, args.timeout, args.max_retries)
+    client = client_for(args)
 
     def work(row):
         request = fill(template, task=prompt_text(row["prompt"]), student_solution=row["completion"])
@@ -337,7 +342,7 @@ def cmd_revise(args):
 def cmd_stronger(args):
     """Stronger Preferred: chosen = the strong model's own fresh answer, rejected = the student answer."""
     samples = read_rows(args.inp, ["id", "prompt", "completion"])
-    client = ChatClient(args.base_url, args.model, args.api_key_env, args.timeout, args.max_retries)
+    client = client_for(args)
 
     def work(row):
         answer = client.complete(as_messages(row["prompt"]), args.temperature, args.max_tokens).strip()
@@ -354,7 +359,7 @@ def cmd_judge(args):
     groups = {}
     for _, row in samples:
         groups.setdefault(row["prompt_id"], []).append(row)
-    client = ChatClient(args.base_url, args.model, args.api_key_env, args.timeout, args.max_retries)
+    client = client_for(args)
 
     def work(rows):
         if len(rows) < 2:
