@@ -238,7 +238,9 @@ def bench_gpu(args, device):
     if args.tiny:  # the same code path in seconds, to check it on a CPU
         llama_1b = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)
-        args.model = setup(args, device)[0].name_or_path
+        from conftest import make_tiny_model
+
+        args.model = make_tiny_model(Path(tempfile.mkdtemp()) / "tiny")
     stand_in = "tiny stand-in for " if args.tiny else ""
     models = {f"{stand_in}SmolLM2-135M": lambda: train.load_model(args.model, device)[1],
               f"{stand_in}Llama 1.1B (TinyLlama shape, random)": lambda: LlamaForCausalLM(llama_1b).to(device)}

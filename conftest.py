@@ -3,11 +3,12 @@
 import json
 import random
 import socket
+from pathlib import Path
 
 import pytest
 import torch
 
-SHARED = __import__("pathlib").Path(__file__).resolve().parent.parent / "shared"
+SHARED = Path(__file__).resolve().parent.parent / "shared"
 
 # SmolLM2's chat template: a default system turn, then <|im_start|>role\ncontent<|im_end|>\n per message.
 CHAT_TEMPLATE = (
