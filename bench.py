@@ -1,7 +1,7 @@
 """Measure the training path against its targets, side by side in one run, and print a table.
 
     python bench.py              # SmolLM2-135M-Instruct on the bundled CLAIR data (about 10 minutes on 2 CPU cores)
-    python bench.py --tiny       # a tiny random Llama instead: the whole table in about a minute
+    python bench.py --tiny       # a tiny random Llama instead: the whole table in about 30 seconds
     python bench.py --gpu        # on CUDA: tokens/s, MFU and peak memory for SmolLM2-135M and a 1.1B Llama, bf16
 
 Rows: (1) train.py's full training step against a bare padded forward+backward of the same pairs;
