@@ -1,6 +1,7 @@
 """train.py on a tiny random Llama (and SmolLM2 for the log-prob check): data, log-probs, loop, resume, scale."""
 
 import json
+import math
 import os
 import shutil
 import socket
@@ -200,6 +201,16 @@ def test_gradient_checkpointing_gives_the_same_step(tmp_path, tiny_model, ref_ca
     step_a, step_b = [[m for m in ms if "loss" in m][0] for ms in (plain, checkpointed)]
     assert step_a["loss"] == pytest.approx(step_b["loss"], rel=1e-6)
     assert step_a["grad_norm"] == pytest.approx(step_b["grad_norm"], rel=1e-5)
+
+
+def test_bf16_autocast_run(tmp_path, tiny_model, ref_cache):
+    """The dtype CUDA runs default to, here on the CPU: bf16 autocast with float32 log-probs and losses."""
+    _, metrics = run_train(tmp_path, tiny_model, "bf16", "--max-steps", "3", "--dtype", "bf16")
+    gap = [m for m in metrics if "ref_check/max_abs_diff_per_token" in m][0]["ref_check/max_abs_diff_per_token"]
+    assert gap < 5e-2  # the bf16 tolerance of the step-0 check
+    train_lines = [m for m in metrics if "loss" in m]
+    assert all(math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"]) for m in train_lines)
+    assert train_lines[-1]["rewards/margins"] > 0
 
 
 def test_rmsprop_and_cosine_schedule(tmp_path, tiny_model, ref_cache):
