@@ -26,7 +26,7 @@ from pathlib import Path
 
 import requests
 
-from train import DataError, read_jsonl
+from train import DataError, read_jsonl, split_completion
 
 # ----------------------------------------------------------------------------- the revision prompt (PAPER.md §1)
 
@@ -164,22 +164,21 @@ def client_for(args):
 # ----------------------------------------------------------------------------- resumable output
 
 def done_ids(path):
-    """Ids already written to `path`; a torn last line (a kill mid-write) is cut off first."""
+    """Ids already written to `path`. A torn last line (a kill mid-write) is cut off, to be redone;
+    any other bad line is a DataError naming it, and nothing is deleted."""
     path = Path(path)
     if not path.exists():
         return set()
     data = path.read_bytes()
-    good = data[: data.rfind(b"\n") + 1]
-    ids = set()
-    for line in good.decode("utf-8").splitlines():
-        try:
-            ids.add(json.loads(line)["id"])
-        except (ValueError, KeyError):
-            good = good[: good.find(line.encode("utf-8"))]  # a torn line mid-file: keep what came before
-            break
-    if len(good) != len(data):
+    complete = data.rfind(b"\n") + 1
+    if complete < len(data):
         with open(path, "r+b") as f:
-            f.truncate(len(good))
+            f.truncate(complete)
+    ids = set()
+    for number, row in read_jsonl(path):
+        if "id" not in row:
+            raise DataError(f"{path}:{number}: field 'id': missing")
+        ids.add(row["id"])
     return ids
 
 
@@ -461,15 +460,12 @@ def jaccard(a, b):
     return len(ta & tb) / len(ta | tb) if ta | tb else 1.0
 
 
-def completion_text(value):
-    return value if isinstance(value, str) else value[-1]["content"]
-
-
 def cmd_stats(args):
     """The paper's Table 1, one column per pair file."""
     columns = {}
     for path in args.files:
-        pairs = [(completion_text(r["chosen"]), completion_text(r["rejected"])) for _, r in read_jsonl(path)]
+        pairs = [tuple(split_completion(row, field, f"{path}:{number}")[1] for field in ("chosen", "rejected"))
+                 for number, row in read_jsonl(path)]
         if not pairs:
             raise DataError(f"{path}: no pairs")
         n = len(pairs)

@@ -194,9 +194,10 @@ def plot(argv):
     panels = [("logps", "log-likelihood  log π(y|x)"), ("rewards", "reward  β·(log π − log π_ref)")]
     for n, run in enumerate(args.runs):
         metrics_path, args_path = Path(run) / "metrics.jsonl", Path(run) / "args.json"
-        if not metrics_path.exists():
-            sys.exit(f"error: {metrics_path}: not found (is {run} a train.py --out folder?)")
-        lines = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+        try:
+            lines = [m for _, m in train.read_jsonl(metrics_path)]
+        except train.DataError as e:
+            sys.exit(f"error: {e} (is {run} a train.py --out folder?)")
         config = json.loads(args_path.read_text()) if args_path.exists() else {}
         label = f"{config.get('loss', '?')} on {Path(config.get('data') or 'bundled CLAIR').stem}"
         evals = [m for m in lines if "eval/loss" in m]

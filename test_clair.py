@@ -165,6 +165,18 @@ def test_a_torn_last_line_is_cut_and_redone(tmp_path):
     assert sorted(r["id"] for r in read_out(out)) == ["a", "b", "c"]
 
 
+def test_a_bad_line_before_the_end_stops_the_run_and_keeps_the_file(tmp_path):
+    samples = write_jsonl(tmp_path / "s.jsonl", [{"id": i, "prompt": "q", "completion": f"x{i}"} for i in "abc"])
+    out = tmp_path / "o.jsonl"
+    content = json.dumps({"id": "a", "chosen": "done"}) + "\nnot json\n" + json.dumps({"id": "b", "chosen": "done"}) + "\n"
+    out.write_text(content)
+    with ChatServer(lambda body: "{corrected_student_solution}: fixed") as server:
+        with pytest.raises(SystemExit, match=r"o\.jsonl:2: not valid JSON"):
+            clair.main(["revise", "--in", samples, "--out", str(out), "--base-url", server.base_url, "--model", "m"])
+        assert server.requests == []
+    assert out.read_text() == content  # the rows after the bad line are still there
+
+
 @needs_fixtures
 def test_sigkill_mid_run_then_rerun_writes_every_id_once(tmp_path):
     rows, samples = fixture_samples(tmp_path)
@@ -295,3 +307,6 @@ def test_stats_table(tmp_path, capsys):
     assert columns["close"]["jaccard (higher = more contrastive)"] > columns["far"]["jaccard (higher = more contrastive)"]
     out = capsys.readouterr().out
     assert "close" in out and "far" in out and "pairs" in out
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "b"}, {"prompt": "q", "chosen": "a"}])
+    with pytest.raises(SystemExit, match=r"bad\.jsonl:2: field 'rejected': expected a string"):
+        clair.main(["stats", bad])

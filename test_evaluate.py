@@ -60,7 +60,10 @@ def test_plot_without_matplotlib_says_how_to_install(trained, tmp_path, monkeypa
 
 
 def test_plot_of_a_folder_that_is_no_run(tmp_path):
-    with pytest.raises(SystemExit, match="metrics.jsonl: not found"):
+    with pytest.raises(SystemExit, match="metrics.jsonl: cannot read"):
+        evaluate.main(["plot", str(tmp_path)])
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0, "eval/loss": 1.0}\n{"step": 1, "lo\n')
+    with pytest.raises(SystemExit, match=r"metrics\.jsonl:2: not valid JSON"):
         evaluate.main(["plot", str(tmp_path)])
 
 

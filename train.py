@@ -167,7 +167,7 @@ def _messages(value, where):
     return value
 
 
-def _split(row, field, where):
+def split_completion(row, field, where):
     """(prompt turns before the completion, completion text) of `chosen` or `rejected`."""
     value = row.get(field)
     if isinstance(value, str):
@@ -193,8 +193,8 @@ def load_pairs(path):
     rows, drops, seen = [], Counter(), set()
     for number, row in read_jsonl(path):
         where = f"{path}:{number}"
-        chosen_turns, chosen = _split(row, "chosen", where)
-        rejected_turns, rejected = _split(row, "rejected", where)
+        chosen_turns, chosen = split_completion(row, "chosen", where)
+        rejected_turns, rejected = split_completion(row, "rejected", where)
         if chosen_turns != rejected_turns:
             raise DataError(f"{where}: fields 'chosen' and 'rejected' carry different prompt turns")
         prompt = row.get("prompt")
