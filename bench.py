@@ -226,13 +226,34 @@ def bench_clair():
         row(f"5. Levenshtein, 3,000-character {name}", f"{len(group) / (time.perf_counter() - start):.0f} pairs/s")
 
 
+def gpu_row(label, model, card, peak_flops, rng, args, device):
+    """One row 6: train.py's step on --batch-size pairs of random 1,024-token sequences (128 prompt tokens)."""
+    vocab = model.config.vocab_size
+    seq = lambda n: [rng.randrange(vocab) for _ in range(n)]
+    pairs = [{"prompt": seq(128), "chosen": seq(896), "rejected": seq(896)} for _ in range(args.batch_size)]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-7)
+    model.train()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    step = [list(range(len(pairs)))]
+    seconds = timed(lambda: train.train_step(model, optimizer, list(model.parameters()), pairs,
+                                             torch.zeros(len(pairs), 2), step, len(pairs), apo_zero_loss, 0.1,
+                                             device, "bf16", 1.0), args.repeats)
+    tokens = 2 * len(pairs) * 1024
+    params = sum(p.numel() for p in model.parameters())
+    mfu = f", MFU {6 * params * tokens / seconds / peak_flops:.1%}" if peak_flops else ""
+    memory = f", peak {torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GiB" if device.type == "cuda" else ""
+    row(f"6. {label} on {card}, bf16, {2 * len(pairs)} x 1,024 tokens", f"{tokens / seconds:.0f} tokens/s{mfu}{memory}")
+
+
 def bench_gpu(args, device):
-    """Tokens/s, model-FLOPs utilisation and peak memory at bf16, sequences of 1,024 tokens."""
+    """Tokens/s, model-FLOPs utilisation (6 x parameters x tokens, attention not counted) and peak memory
+    at bf16, sequences of 1,024 tokens; each model is freed before the next is built."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    peak_flops = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
-    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    peak = next((v for k, v in peak_flops.items() if k in name), None)
+    dense_bf16_flops = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+    card = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    peak_flops = next((v for k, v in dense_bf16_flops.items() if k in card), None)
     llama_1b = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
                            num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048)
     if args.tiny:  # the same code path in seconds, to check it on a CPU
@@ -242,28 +263,10 @@ def bench_gpu(args, device):
 
         args.model = make_tiny_model(Path(tempfile.mkdtemp()) / "tiny")
     stand_in = "tiny stand-in for " if args.tiny else ""
-    models = {f"{stand_in}SmolLM2-135M": lambda: train.load_model(args.model, device)[1],
-              f"{stand_in}Llama 1.1B (TinyLlama shape, random)": lambda: LlamaForCausalLM(llama_1b).to(device)}
     rng = random.Random(0)
-    for label, make in models.items():
-        model = make()
-        vocab = model.config.vocab_size
-        seq = lambda n: [rng.randrange(vocab) for _ in range(n)]
-        pairs = [{"prompt": seq(128), "chosen": seq(896), "rejected": seq(896)} for _ in range(args.batch_size)]
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-7)
-        model.train()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        step = [list(range(len(pairs)))]
-        seconds = timed(lambda: train.train_step(model, optimizer, list(model.parameters()), pairs,
-                                                 torch.zeros(len(pairs), 2), step, len(pairs), apo_zero_loss, 0.1,
-                                                 device, "bf16", 1.0), args.repeats)
-        tokens = 2 * len(pairs) * 1024
-        params = sum(p.numel() for p in model.parameters())
-        mfu = f", MFU {6 * params * tokens / seconds / peak:.1%}" if peak else ""
-        memory = f", peak {torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GiB" if device.type == "cuda" else ""
-        row(f"6. {label} on {name}, bf16, {2 * len(pairs)} x 1,024 tokens", f"{tokens / seconds:.0f} tokens/s{mfu}{memory}")
-        del model, optimizer
+    gpu_row(f"{stand_in}SmolLM2-135M", train.load_model(args.model, device)[1], card, peak_flops, rng, args, device)
+    gpu_row(f"{stand_in}Llama 1.1B (TinyLlama shape, random)", LlamaForCausalLM(llama_1b).to(device), card,
+            peak_flops, rng, args, device)
 
 
 def main():

@@ -1,0 +1,21 @@
+"""bench.py runs end to end at tiny scale and prints every row of its table (its numbers are not checked here)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+
+
+@pytest.mark.parametrize("flags, rows", [([], ["1.", "2.", "3.", "4.", "5."]), (["--gpu"], ["6."])])
+def test_bench_prints_its_table(tmp_path, flags, rows):
+    env = {**os.environ, "CLAIR_APO_CACHE": str(tmp_path / "cache")}
+    result = subprocess.run([sys.executable, str(HERE / "bench.py"), "--tiny", *flags], capture_output=True,
+                            text=True, timeout=300, cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = result.stdout.split("| measurement | value | target | met |", 1)[1].strip().splitlines()[1:]
+    assert sorted({line.split()[1] for line in table}) == rows
+    assert all(len(line.split("|")) == 6 for line in table)  # measurement, value, target, met
