@@ -498,6 +498,15 @@ def latest_checkpoint(out):
     return max(steps)[1] if steps else None
 
 
+def trim_metrics(path, step):
+    """On resume: keep the metrics logged up to `step`; drop what the killed run logged after its checkpoint,
+    and a torn last line (a kill mid-write)."""
+    text = path.read_text() if path.exists() else ""
+    path.write_text(text[: text.rfind("\n") + 1])
+    kept = [record for _, record in read_jsonl(path) if record.get("step", 0) <= step]
+    path.write_text("".join(json.dumps(record) + "\n" for record in kept))
+
+
 def load_checkpoint(model, optimizer, scheduler, folder):
     """Restore weights, optimizer, scheduler and RNG from `folder`; return its saved trainer state."""
     from transformers import AutoModelForCausalLM
@@ -666,9 +675,11 @@ def main(argv=None):
     if resume_from:
         step = load_checkpoint(model, optimizer, scheduler, resume_from)["step"]
         log0(f"resumed from {resume_from} at step {step}")
-        if rank() == 0:  # forget what the killed run logged after its checkpoint
-            lines = (out / "metrics.jsonl").read_text().splitlines(keepends=True)
-            (out / "metrics.jsonl").write_text("".join(l for l in lines if json.loads(l)["step"] <= step))
+        if rank() == 0:
+            try:
+                trim_metrics(out / "metrics.jsonl", step)
+            except DataError as e:
+                sys.exit(f"error: {e}")
     elif rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.jsonl").write_text("")
