@@ -26,7 +26,7 @@ from pathlib import Path
 
 import requests
 
-from train import DataError, read_jsonl, split_completion
+from train import DataError, cut_torn_line, read_jsonl, split_completion
 
 # ----------------------------------------------------------------------------- the revision prompt (PAPER.md §1)
 
@@ -169,11 +169,7 @@ def done_ids(path):
     path = Path(path)
     if not path.exists():
         return set()
-    data = path.read_bytes()
-    complete = data.rfind(b"\n") + 1
-    if complete < len(data):
-        with open(path, "r+b") as f:
-            f.truncate(complete)
+    cut_torn_line(path)
     ids = set()
     for number, row in read_jsonl(path):
         if "id" not in row:

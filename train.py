@@ -159,6 +159,12 @@ def read_jsonl(path):
         yield number, obj
 
 
+def cut_torn_line(path):
+    """Truncate `path` after its last newline: a last line torn by a kill mid-write goes."""
+    with open(path, "r+b") as f:
+        f.truncate(f.read().rfind(b"\n") + 1)
+
+
 def _messages(value, where):
     """Check a list of chat messages: each a dict with a string `role` and a string `content`."""
     for i, m in enumerate(value):
@@ -501,8 +507,8 @@ def latest_checkpoint(out):
 def trim_metrics(path, step):
     """On resume: keep the metrics logged up to `step`; drop what the killed run logged after its checkpoint,
     and a torn last line (a kill mid-write)."""
-    text = path.read_text() if path.exists() else ""
-    path.write_text(text[: text.rfind("\n") + 1])
+    path.touch()
+    cut_torn_line(path)
     kept = [record for _, record in read_jsonl(path) if record.get("step", 0) <= step]
     path.write_text("".join(json.dumps(record) + "\n" for record in kept))
 
