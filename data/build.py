@@ -20,12 +20,13 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from evaluate import matches  # noqa: E402
+from train import read_jsonl  # noqa: E402
 
 REVISER = "claude (Anthropic), as the CLAIR reviser, by hand"
 
 
 def read(name):
-    return {row["id"]: row for row in map(json.loads, (HERE / name).read_text().splitlines())}
+    return {row["id"]: row for _, row in read_jsonl(HERE / name)}
 
 
 def main():
