@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+import preference_data
 import train
 from apo import apo_zero_loss
 
@@ -43,7 +44,7 @@ def setup(args, device):
         args.model = make_tiny_model(Path(tempfile.mkdtemp()) / "tiny")
     tokenizer, model = train.load_model(args.model, device)
     train.disable_dropout(model)
-    rows, _ = train.load_pairs(HERE / "data" / "clair_train.jsonl")
+    rows, _ = preference_data.load_pairs(HERE / "data" / "clair_train.jsonl")
     pairs, _ = train.tokenize_pairs(tokenizer, rows, 384, 192)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-7)
     batches = train.train_batches(len(pairs), args.batch_size, 0, 0)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import requests
 
-from train import DataError, cut_torn_line, read_jsonl, split_completion
+from preference_data import DataError, cut_torn_line, read_jsonl, split_completion
 
 # ----------------------------------------------------------------------------- the revision prompt (PAPER.md §1)
 

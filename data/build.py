@@ -20,7 +20,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from evaluate import matches  # noqa: E402
-from train import read_jsonl  # noqa: E402
+from preference_data import read_jsonl  # noqa: E402
 
 REVISER = "claude (Anthropic), as the CLAIR reviser, by hand"
 
