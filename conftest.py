@@ -19,10 +19,11 @@ CHAT_TEMPLATE = (
 )
 
 
-def make_tiny_model(folder, seed=0):
-    """Save a 2-layer random Llama and a byte-level BPE tokenizer (no merges) with a chat template."""
+def make_tiny_model(folder, seed=0, config_class=None, **config):
+    """Save a random 2-layer model, a Llama unless `config_class` (a transformers config class, with `config`
+    overriding the tiny sizes) says otherwise, and a byte-level BPE tokenizer (no merges) with a chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     vocab = {c: i for i, c in enumerate(sorted(alphabet))}
@@ -33,11 +34,11 @@ def make_tiny_model(folder, seed=0):
                                         additional_special_tokens=["<|im_start|>"])
     tokenizer.chat_template = CHAT_TEMPLATE
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                         bos_token_id=None, tie_word_embeddings=False)
-    LlamaForCausalLM(config).save_pretrained(folder)
+    sizes = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False)
+    config = (config_class or LlamaConfig)(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
+                                           pad_token_id=tokenizer.pad_token_id, bos_token_id=None, **(sizes | config))
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return str(folder)
 

@@ -50,6 +50,7 @@ def parse_args(argv):
     p.add_argument("--max-length", type=int, default=384)
     p.add_argument("--max-prompt-length", type=int, default=192)
     p.add_argument("--dtype", choices=["fp32", "bf16"], default=None)
+    p.add_argument("--packing", choices=["auto", "on", "off"], default="auto", help="as in train.py")
     p.add_argument("--max-new-tokens", type=int, default=160)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy decoding, for both models")
     p.add_argument("--judge-url", help="OpenAI-compatible base URL of a judge LLM")
@@ -80,6 +81,14 @@ def pair_report(policy, ref, pairs, loss_fn, beta):
     return report
 
 
+def batching(name, model, pairs, args, device):
+    """train.py's batching decision for `model`, measured on the first batch of pairs: its row_tokens."""
+    first = list(range(min(args.batch_size, len(pairs))))
+    row_tokens, how = train.choose_row_tokens(model, pairs, first, args.packing, 2 * args.max_length, device)
+    print(f"{name}: batching: {how}")
+    return row_tokens
+
+
 def evaluate_pairs(args, device):
     """pair_report for each --model against --ref on --data; the reference's log-probs once (cached)."""
     rows, drops = preference_data.load_pairs(args.data)
@@ -88,12 +97,13 @@ def evaluate_pairs(args, device):
     if not pairs:
         raise preference_data.DataError(f"{args.data}: no pairs left after truncation")
     ref = train.reference_logps(ref_model, pairs, train.weights_fingerprint(ref_model, args.dtype), args.batch_size,
-                                device, args.dtype)
+                                device, args.dtype, batching(args.ref, ref_model, pairs, args, device))
     del ref_model
     reports = {}
     for path in args.model:
         _, model = train.load_model(path, device)
-        policy = train.pairs_logps(model, pairs, args.batch_size, device, args.dtype).float()
+        row_tokens = batching(path, model, pairs, args, device)
+        policy = train.pairs_logps(model, pairs, args.batch_size, device, args.dtype, row_tokens).float()
         reports[path] = pair_report(policy, ref, pairs, LOSSES[args.loss], args.beta)
         del model
     return {"pairs": len(pairs), "dropped": dict(drops + tokenize_drops), "models": reports}

@@ -4,6 +4,7 @@ import importlib.util
 import json
 import math
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -98,7 +99,8 @@ def test_tokenisation_is_positional_and_truncates(tiny_model):
     # Positional: the labels are exactly the completion tokens, though the pad id equals the end-of-turn id.
     assert batch["labels"].tolist() == pairs[0]["chosen"] + pairs[0]["rejected"]
     assert torch.bincount(batch["sequence"]).tolist() == [len(pairs[0]["chosen"]), len(pairs[0]["rejected"])]
-    assert batch["input_ids"][0, batch["targets"] + 1].tolist() == batch["labels"].tolist()
+    rows, cols = batch["targets"]
+    assert batch["input_ids"][rows, cols + 1].tolist() == batch["labels"].tolist()
 
 
 def test_template_that_rewrites_the_prompt_is_an_error(tiny_model):
@@ -109,14 +111,33 @@ def test_template_that_rewrites_the_prompt_is_an_error(tiny_model):
         train.tokenize_completion(tokenizer, [{"role": "user", "content": "q"}], "a")
 
 
-def test_batches_cover_every_pair_and_pack_without_padding():
+def test_batches_cover_every_pair():
     batches = train.train_batches(199, batch_size=4, seed=0, epoch=0)
     assert sorted(i for b in batches for i in b) == list(range(199))
     assert batches != train.train_batches(199, batch_size=4, seed=0, epoch=1)  # reshuffled each epoch
+
+
+def test_rows_are_balanced_bounded_and_padded_at_the_end():
+    lengths = [random.Random(i).randint(20, 200) for i in range(32)]
+    rows = train.pack_rows(lengths, 400)
+    assert sorted(n for row in rows for n in row) == list(range(32))
+    filled = [sum(lengths[n] for n in row) for row in rows]
+    assert len(rows) == math.ceil(sum(lengths) / 400) and max(filled) <= 400 + max(lengths)
+    assert sum(lengths) / (len(rows) * max(filled)) > 0.9  # padding to the longest row costs little
+    assert train.pack_rows(lengths, math.inf) == [sorted(range(32), key=lambda n: -lengths[n])]
+
     pairs = [{"prompt": [1] * 5, "chosen": [2] * n, "rejected": [3] * (n + 7)} for n in range(1, 5)]
-    batch = train.collate(pairs, [0, 1, 2, 3], "cpu")
-    assert batch["input_ids"].shape == (1, sum(10 + 2 * n + 7 for n in range(1, 5)))  # every token real
-    assert batch["position_ids"][0, :6].tolist() == [0, 1, 2, 3, 4, 5] and batch["position_ids"][0, 6] == 0
+    one_row = train.collate(pairs, [0, 1, 2, 3], "cpu", math.inf)
+    assert one_row["input_ids"].shape == (1, one_row["tokens"]) == (1, sum(10 + 2 * n + 7 for n in range(1, 5)))
+    packed = train.collate(pairs, [0, 1, 2, 3], "cpu", 40)
+    assert packed["input_ids"].shape[0] == math.ceil(88 / 40) and "attention_mask" not in packed
+    for row, positions in zip(packed["input_ids"], packed["position_ids"]):
+        real = int((row != 0).sum())  # token 0 is never used above, so it marks the padding
+        assert row[:real].ne(0).all() and row[real:].eq(0).all()
+        assert positions[real:].tolist() == list(range(len(row) - real))  # padding: a sequence of its own
+    padded = train.collate(pairs, [0, 1, 2, 3], "cpu")
+    assert padded["input_ids"].shape == (8, 5 + 4 + 7) and "position_ids" not in padded
+    assert padded["attention_mask"].sum(1).tolist() == [5 + n for n in range(1, 5)] + [12 + n for n in range(1, 5)]
 
 
 # ----------------------------------------------------------------------------- log-probs and the loop
@@ -132,7 +153,8 @@ def naive_logps(model, tokenizer, prompt, completion):
     return token_logps[len(prompt_ids) - 1:].sum().item()
 
 
-def test_sequence_logps_equals_naive_computation(tiny_model):
+@pytest.mark.parametrize("row_tokens", [None, 60, math.inf])
+def test_sequence_logps_equals_naive_computation(tiny_model, row_tokens):
     tokenizer, model = train.load_model(tiny_model)
     rows = arithmetic_pairs(6)
     for row in rows:
@@ -140,7 +162,7 @@ def test_sequence_logps_equals_naive_computation(tiny_model):
     pairs, _ = train.tokenize_pairs(tokenizer, rows, 512, 256)
     model.eval()
     with torch.no_grad():
-        got = train.sequence_logps(model, train.collate(pairs, list(range(6)), "cpu")).view(2, -1)
+        got = train.sequence_logps(model, train.collate(pairs, list(range(6)), "cpu", row_tokens)).view(2, -1)
     for i, row in enumerate(rows):
         assert got[0, i].item() == pytest.approx(naive_logps(model, tokenizer, row["prompt"], row["chosen"]), abs=1e-4)
         assert got[1, i].item() == pytest.approx(naive_logps(model, tokenizer, row["prompt"], row["rejected"]), abs=1e-4)

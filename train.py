@@ -69,6 +69,9 @@ def parse_args(argv=None):
     p.add_argument("--max-prompt-length", type=int, default=192)
     p.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="default: bf16 on CUDA, else fp32")
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--packing", choices=["auto", "on", "off"], default="auto",
+                   help="pack sequences into shared rows: auto packs where measured exact on the model")
+    p.add_argument("--row-tokens", type=int, default=None, help="tokens per packed row (default: 2 x --max-length)")
     p.add_argument("--attn-implementation", default=None,
                    help="transformers' attention kernel, e.g. flash_attention_2 (default: sdpa)")
     p.add_argument("--fsdp", action="store_true", help="shard parameters, gradients and optimizer state")
@@ -128,12 +131,14 @@ def load_model(name, device="cpu", attn_implementation=None):
 
 
 def disable_dropout(model):
-    """Dropout off everywhere: the policy must equal the reference at step 0."""
+    """Dropout off everywhere: the policy must equal the reference at step 0. Modules hold it as nn.Dropout,
+    or as a float rate passed to F.dropout (attention_dropout, OPT's dropout and activation_dropout)."""
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
-        if hasattr(module, "attention_dropout"):
-            module.attention_dropout = 0.0
+        for name, value in vars(module).items():
+            if name.endswith("dropout") and isinstance(value, float):
+                setattr(module, name, 0.0)
 
 
 # ----------------------------------------------------------------------------- data
@@ -192,26 +197,102 @@ def train_batches(n, batch_size, seed, epoch):
     return [order[i:i + batch_size] for i in range(0, n, batch_size)]
 
 
-def collate(pairs, indices, device):
-    """One forward's tensors: the chosen of each pair, then the rejected, packed end to end in one row.
+def pack_rows(lengths, row_tokens):
+    """Sequence indices per row: ceil(total / row_tokens) rows (one for math.inf), filled longest first
+    into the shortest row, so that rows come out nearly equal and little padding is needed."""
+    rows = [[] for _ in range(max(1, math.ceil(sum(lengths) / row_tokens)))]
+    filled = [0] * len(rows)
+    for n in sorted(range(len(lengths)), key=lambda n: -lengths[n]):
+        shortest = filled.index(min(filled))
+        rows[shortest].append(n)
+        filled[shortest] += lengths[n]
+    return [row for row in rows if row]
 
-    No padding: position ids restart at 0 with every sequence, from which transformers keeps attention
-    inside each sequence (its packed-sequence mask; varlen kernels with flash attention). Positionally,
-    with no pad id involved: `targets` are the positions whose next token is a completion token, `labels`
-    those tokens, `sequence` which of the 2 * len(indices) sequences each belongs to.
+
+def collate(pairs, indices, device, row_tokens=None):
+    """One forward's tensors for the chosen of each pair, then the rejected: 2 * len(indices) sequences.
+
+    row_tokens=None: one sequence per row, right-padded, with an attention mask; exact on every causal LM.
+    Otherwise the sequences are packed into rows of about `row_tokens` tokens (pack_rows) with position ids
+    restarting at 0 for each, from which transformers masks attention within each sequence (varlen kernels
+    under flash attention); a row's padding follows as one more sequence of its own. Either way a row's
+    padding comes after its tokens, which a causal model never looks ahead to. Positionally, with no pad id
+    involved: `targets` are the (row, column) positions whose next token is a completion token, `labels`
+    those tokens, `sequence` which sequence each belongs to, `tokens` the real (unpadded) token count.
     """
-    input_ids, position_ids, targets, sequence = [], [], [], []
-    for n, (prompt, completion) in enumerate((pairs[i]["prompt"], pairs[i][side])
-                                             for side in ("chosen", "rejected") for i in indices):
-        start = len(input_ids)
-        input_ids += prompt + completion
-        position_ids += range(len(prompt) + len(completion))
-        targets += range(start + len(prompt) - 1, len(input_ids) - 1)
-        sequence += [n] * len(completion)
-    input_ids, targets = torch.tensor(input_ids), torch.tensor(targets)
-    batch = {"input_ids": input_ids[None], "position_ids": torch.tensor(position_ids)[None], "targets": targets,
-             "labels": input_ids[targets + 1], "sequence": torch.tensor(sequence)}
-    return {k: v.to(device) for k, v in batch.items()} | {"sequences": 2 * len(indices)}
+    sequences = [pairs[i]["prompt"] + pairs[i][side] for side in ("chosen", "rejected") for i in indices]
+    prompts = [len(pairs[i]["prompt"]) for _ in ("chosen", "rejected") for i in indices]
+    lengths = list(map(len, sequences))
+    rows = [[n] for n in range(len(sequences))] if row_tokens is None else pack_rows(lengths, row_tokens)
+    width = max(sum(lengths[n] for n in row) for row in rows)
+    input_ids = torch.zeros(len(rows), width, dtype=torch.long)
+    position_ids = torch.zeros_like(input_ids)
+    attention_mask = torch.zeros_like(input_ids)
+    target_rows, target_cols, sequence = [], [], []
+    for r, row in enumerate(rows):
+        start = 0
+        for n in row:
+            end = start + lengths[n]
+            input_ids[r, start:end] = torch.tensor(sequences[n])
+            position_ids[r, start:end] = torch.arange(lengths[n])
+            target_cols += range(start + prompts[n] - 1, end - 1)
+            target_rows += [r] * (lengths[n] - prompts[n])
+            sequence += [n] * (lengths[n] - prompts[n])
+            start = end
+        position_ids[r, start:] = torch.arange(width - start)
+        attention_mask[r, :start] = 1
+    targets = (torch.tensor(target_rows), torch.tensor(target_cols))
+    batch = {"input_ids": input_ids, "labels": input_ids[targets[0], targets[1] + 1],
+             "sequence": torch.tensor(sequence)}
+    batch |= {"attention_mask": attention_mask} if row_tokens is None else {"position_ids": position_ids}
+    batch = {k: v.to(device) for k, v in batch.items()}
+    return batch | {"targets": tuple(t.to(device) for t in targets), "sequences": len(sequences),
+                    "tokens": sum(lengths)}
+
+
+def choose_row_tokens(model, pairs, indices, packing, row_tokens, device):
+    """The batching for `model` under --packing auto|on|off: (row_tokens for collate, what to print).
+
+    Packing is exact only when nothing carries from one sequence to the next in a row: attention masked per
+    sequence by transformers, and no convolution or recurrent state across the row (gated-delta-net and
+    Mamba-1/2 layers carry it; OPT ignores packed position ids in its mask). Rather than keep a list of
+    families, it is measured on the micro-batch `indices`, float32, no grad: all its sequences packed in one
+    row against one sequence per row, and that row against the same row with its first sequence's tokens
+    reversed, which the sequences after it must not notice. Every process measures the same batch and
+    takes the same decision. With flash attention a micro-batch is one row (varlen kernels, linear in its
+    length); otherwise rows of about `row_tokens` tokens bound SDPA's work, quadratic in a row's length.
+    """
+    kind = unwrap(model).config.model_type
+    if packing == "off":
+        return None, "one padded sequence per row (--packing off)"
+    alone = collate(pairs, indices, device)
+    packed = collate(pairs, indices, device, math.inf)
+    first = int(packed["position_ids"][0, 1:].eq(0).nonzero()[0]) + 1  # where the second sequence starts
+    changed = dict(packed, input_ids=packed["input_ids"].clone())
+    changed["input_ids"][0, :first] = changed["input_ids"][0, :first].flip(0)
+    changed["labels"] = changed["input_ids"][packed["targets"][0], packed["targets"][1] + 1]
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        alone_logps, packed_logps, changed_logps = (sequence_logps(model, b) for b in (alone, packed, changed))
+    model.train(was_training)
+    tokens = torch.bincount(alone["sequence"])
+    later = torch.ones_like(tokens, dtype=torch.bool)
+    later[packed["sequence"][packed["targets"][1] < first]] = False
+    gaps = torch.stack([((packed_logps - alone_logps).abs() / tokens).max(),
+                        ((changed_logps - packed_logps).abs() / tokens)[later].max()])
+    if dist.is_initialized():
+        dist.all_reduce(gaps, op=dist.ReduceOp.MAX)
+    measured = (f"{gaps[0]:.1g} nats per token from one sequence per row, {gaps[1]:.1g} when the sequence "
+                "before changes")
+    if gaps[0] > 1e-5 or gaps[1] > 1e-6:
+        if packing == "on":
+            sys.exit(f"error: --packing on: packed sequences mix on {kind} ({measured}); use --packing auto or off")
+        return None, f"one padded sequence per row: packed sequences mix on {kind} ({measured})"
+    if "flash" in (unwrap(model).config._attn_implementation or ""):
+        row_tokens = math.inf
+    where = "one row per micro-batch" if row_tokens == math.inf else f"rows of about {row_tokens} tokens"
+    return row_tokens, f"packed, {where}: exact on {kind} ({measured})"
 
 
 # ----------------------------------------------------------------------------- log-probs
@@ -222,16 +303,30 @@ def _token_logps(logits, labels):
     return logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
 
 
+@contextlib.contextmanager
+def head_only_at(model, targets):
+    """While active, the model's LM head sees only the hidden states at `targets` (rows, columns): logits
+    come out [1, len(targets), vocab], through the model's own head code (soft-capping and scaling kept)."""
+    rows, cols = targets
+    head = unwrap(model).get_output_embeddings()
+    hook = head.register_forward_pre_hook(lambda module, args: (args[0][rows, cols][None], *args[1:]))
+    try:
+        yield
+    finally:
+        hook.remove()
+
+
 def sequence_logps(model, batch, chunk=512):
     """Summed log pi(completion | prompt) of every sequence of `batch`, float32, shape [sequences].
 
-    The one log-prob function: reference precompute, training and evaluation all call it. The model
-    computes logits only at the target positions (logits_to_keep), and they become log-probs `chunk`
-    positions at a time in float32; with grad enabled each chunk is recomputed in backward (checkpoint),
-    so at most one chunk's float32 logits exist beyond the model's own output.
+    The one log-prob function: reference precompute, training and evaluation all call it. The LM head runs
+    only at the target positions (head_only_at), and logits become log-probs `chunk` positions at a time in
+    float32; with grad enabled each chunk is recomputed in backward (checkpoint), so at most one chunk's
+    float32 logits exist beyond the model's own output.
     """
-    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                   logits_to_keep=batch["targets"], use_cache=False).logits[0]
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    with head_only_at(model, batch["targets"]):
+        logits = model(**inputs, use_cache=False).logits[0]
     pieces = zip(logits.split(chunk), batch["labels"].split(chunk))
     if torch.is_grad_enabled():
         token_logps = [checkpoint(_token_logps, x, y, use_reentrant=False) for x, y in pieces]
@@ -320,7 +415,7 @@ def weights_fingerprint(model, dtype):
     return h.hexdigest()[:16]
 
 
-def pairs_logps(model, pairs, batch_size, device, dtype):
+def pairs_logps(model, pairs, batch_size, device, dtype, row_tokens=None):
     """[len(pairs), 2] summed log-probs of (chosen, rejected) under `model`: one no-grad pass in eval mode,
     with training's collate and log-prob code, split across processes and gathered on all."""
     computed = []
@@ -328,7 +423,7 @@ def pairs_logps(model, pairs, batch_size, device, dtype):
     model.eval()
     with torch.no_grad(), autocast(device, dtype):
         for indices, real in shard_batches(in_order(len(pairs), batch_size)):
-            logps = sequence_logps(model, collate(pairs, indices, device)).view(2, -1).T.tolist()
+            logps = sequence_logps(model, collate(pairs, indices, device, row_tokens)).view(2, -1).T.tolist()
             if real:
                 computed += zip(indices, logps)
     model.train(was_training)
@@ -338,7 +433,7 @@ def pairs_logps(model, pairs, batch_size, device, dtype):
     return result
 
 
-def reference_logps(model, pairs, fingerprint, batch_size, device, dtype, desc="reference"):
+def reference_logps(model, pairs, fingerprint, batch_size, device, dtype, row_tokens=None, desc="reference"):
     """[len(pairs), 2] log pi_ref(chosen), log pi_ref(rejected): from the on-disk cache, else computed.
 
     The cache holds one file per model fingerprint, keyed by each pair's token ids, so any run or
@@ -354,7 +449,7 @@ def reference_logps(model, pairs, fingerprint, batch_size, device, dtype, desc="
     if missing:
         todo = [pairs[i] for i in missing]
         start = time.time()
-        cache.update(zip([keys[i] for i in missing], pairs_logps(model, todo, batch_size, device, dtype)))
+        cache.update(zip([keys[i] for i in missing], pairs_logps(model, todo, batch_size, device, dtype, row_tokens)))
         tokens = sum(2 * len(p["prompt"]) + len(p["chosen"]) + len(p["rejected"]) for p in todo)
         log0(f"{desc}: {len(missing)} pairs' log-probs computed, {tokens / (time.time() - start):.0f} tokens/s; "
              f"{len(pairs) - len(missing)} cached")
@@ -448,13 +543,13 @@ def load_checkpoint(model, optimizer, scheduler, folder):
 
 # ----------------------------------------------------------------------------- training
 
-def reference_gap(model, pairs, ref, indices, device, dtype):
+def reference_gap(model, pairs, ref, indices, device, dtype, row_tokens):
     """Max |log pi_theta - log pi_ref| per completion token on one batch, in training mode, no grad.
 
     At step 0 the policy is the reference, so this must be ~0: it catches dropout left on, truncation
     or masking that differs from the precompute, and a stale cache."""
     with torch.no_grad(), autocast(device, dtype):
-        batch = collate(pairs, indices, device)
+        batch = collate(pairs, indices, device, row_tokens)
         policy = sequence_logps(model, batch).view(2, -1).T.float().cpu()
     tokens = torch.bincount(batch["sequence"].cpu(), minlength=batch["sequences"]).view(2, -1).T
     gap = torch.tensor([((policy - ref[indices]).abs() / tokens).max().item()], device=device)
@@ -464,7 +559,7 @@ def reference_gap(model, pairs, ref, indices, device, dtype):
 
 
 def train_step(model, optimizer, params, pairs, ref, micro_batches, n_pairs, loss_fn, beta, device, dtype,
-               max_grad_norm):
+               max_grad_norm, row_tokens):
     """One optimizer step over this process's `micro_batches` (lists of pair indices): its metrics.
 
     Chosen and rejected of a micro-batch share one forward. The loss is the mean over the `n_pairs` pairs
@@ -476,7 +571,7 @@ def train_step(model, optimizer, params, pairs, ref, micro_batches, n_pairs, los
     tokens, start = 0, time.time()
     ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
     for k, indices in enumerate(micro_batches):
-        batch = collate(pairs, indices, device)
+        batch = collate(pairs, indices, device, row_tokens)
         sync = not ddp or k == len(micro_batches) - 1  # DDP: all-reduce gradients on the last one only
         with (contextlib.nullcontext() if sync else model.no_sync()), autocast(device, dtype):
             policy_chosen, policy_rejected = sequence_logps(model, batch).view(2, -1)
@@ -484,7 +579,7 @@ def train_step(model, optimizer, params, pairs, ref, micro_batches, n_pairs, los
             losses = loss_fn(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
             (losses.sum() * world_size() / n_pairs).backward()
         totals += pair_stats(losses, policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
-        tokens += batch["input_ids"].numel()
+        tokens += batch["tokens"]
     if dist.is_initialized():
         dist.all_reduce(totals)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
@@ -581,11 +676,15 @@ def main(argv=None):
     else:
         optimizer = torch.optim.RMSprop(params, lr=args.lr, weight_decay=args.weight_decay)
     scheduler = make_scheduler(optimizer, args.lr_scheduler, int(args.warmup_ratio * total_steps), total_steps)
+    # Batching: packed rows where measured exact on this model (the first micro-batch), else padded rows.
+    row_tokens, batching = choose_row_tokens(model, train_pairs, epochs[0][0][0][0], args.packing,
+                                             args.row_tokens or 2 * args.max_length, device)
+    log0(f"batching: {batching}")
     ref_train = torch.zeros(len(train_pairs), 2)
     ref_train[used] = reference_logps(model, [train_pairs[i] for i in used], fingerprint, args.batch_size * 2,
-                                      device, args.dtype, desc="reference (train)")
+                                      device, args.dtype, row_tokens, desc="reference (train)")
     ref_eval = reference_logps(model, eval_pairs, fingerprint, args.batch_size * 2, device, args.dtype,
-                               desc="reference (eval)")
+                               row_tokens, desc="reference (eval)")
 
     loss_fn = LOSSES[args.loss]
     step = 0
@@ -609,7 +708,7 @@ def main(argv=None):
                 f.write(json.dumps({"step": step, **record}) + "\n")
 
     def run_eval():
-        policy = pairs_logps(model, eval_pairs, args.batch_size * 2, device, args.dtype)
+        policy = pairs_logps(model, eval_pairs, args.batch_size * 2, device, args.dtype, row_tokens)
         metrics = pair_metrics(policy, ref_eval, loss_fn, args.beta)
         log({f"eval/{k}": v for k, v in metrics.items()})
         return metrics
@@ -620,7 +719,7 @@ def main(argv=None):
     model.train()
     if step == 0:  # before any update: the initial model's held-out metrics, and the step-0 check
         run_eval()
-        gap = reference_gap(model, train_pairs, ref_train, epochs[0][0][rank()][0], device, args.dtype)
+        gap = reference_gap(model, train_pairs, ref_train, epochs[0][0][rank()][0], device, args.dtype, row_tokens)
         log({"ref_check/max_abs_diff_per_token": gap})
         tol = args.ref_check_tol or (1e-3 if args.dtype == "fp32" else 5e-2)
         if gap > tol:
@@ -633,7 +732,7 @@ def main(argv=None):
         lr = scheduler.get_last_lr()[0]
         try:
             metrics = train_step(model, optimizer, params, train_pairs, ref_train, epochs[epoch][index][rank()],
-                                 n_pairs, loss_fn, args.beta, device, args.dtype, args.max_grad_norm)
+                                 n_pairs, loss_fn, args.beta, device, args.dtype, args.max_grad_norm, row_tokens)
         except FloatingPointError as e:
             sys.exit(f"error: {e} at step {step + 1}; the last checkpoint in {out} is kept")
         scheduler.step()
