@@ -8,12 +8,14 @@ Rows: (1) train.py's full training step against a bare padded forward+backward o
 (2) padding efficiency of train.py's batches; (3) reference precompute against training throughput, and
 a cache hit; (4) peak memory with precomputed reference log-probs against a live reference model, and of
 the log-prob computation against the naive float32 log-softmax; (5) clair.py against a loopback server
-that answers after 100 ms, and Levenshtein on 3,000-character pairs; (6) GPU throughput (--gpu).
+that answers after 100 ms, and Levenshtein on 3,000-character pairs; (6) GPU throughput (--gpu); (7) how
+a training step scales with the micro-batch: 4, 8 and 16 pairs of random tokens, up to 512 each.
 Memory rows run in child processes (peak RSS on CPU, peak allocated on CUDA) so they do not mix.
 """
 
 import argparse
 import json
+import math
 import random
 import subprocess
 import sys
@@ -48,7 +50,8 @@ def setup(args, device):
     pairs, _ = train.tokenize_pairs(tokenizer, rows, 384, 192)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-7)
     batches = train.train_batches(len(pairs), args.batch_size, 0, 0)
-    return tokenizer, model, pairs, optimizer, batches
+    row_tokens, _ = train.choose_row_tokens(model, pairs, batches[0], "auto", 2 * 384, device)
+    return tokenizer, model, pairs, optimizer, batches, row_tokens
 
 
 def padded(pairs, indices, pad_id, device):
@@ -74,7 +77,7 @@ def timed(fn, repeats):
 
 
 def bench_training(args, device):
-    tokenizer, model, pairs, optimizer, batches = setup(args, device)
+    tokenizer, model, pairs, optimizer, batches, row_tokens = setup(args, device)
     dtype = "bf16" if device.type == "cuda" else "fp32"
     step = batches[:args.grad_accum]
     n_pairs = sum(map(len, step))
@@ -83,7 +86,7 @@ def bench_training(args, device):
 
     def full_step():  # exactly what train.py's loop does per step, logging included
         metrics = train.train_step(model, optimizer, list(model.parameters()), pairs, ref, step, n_pairs,
-                                   apo_zero_loss, 0.1, device, dtype, 1.0)
+                                   apo_zero_loss, 0.1, device, dtype, 1.0, row_tokens)
         log.write(json.dumps(metrics) + "\n")
         log.flush()
 
@@ -100,38 +103,70 @@ def bench_training(args, device):
     row("1. training step / bare padded forward+backward", f"{t_full:.2f} s / {t_bare:.2f} s = {t_full / t_bare:.2f}x",
         "<= 1.10x", t_full / t_bare <= 1.10)
 
-    real = sum(2 * len(p["prompt"]) + len(p["chosen"]) + len(p["rejected"]) for p in pairs)
-    processed = sum(train.collate(pairs, b, "cpu")["input_ids"].numel() for b in batches)
-    right_padded = sum(2 * len(b) * max(len(pairs[i]["prompt"]) + len(pairs[i][s]) for i in b
-                                        for s in ("chosen", "rejected")) for b in batches)
-    row("2. padding efficiency, real / processed tokens (one epoch)",
-        f"{real / processed:.3f} (right-padded rows would give {real / right_padded:.3f})", ">= 0.90",
-        real / processed >= 0.90)
+    for name, data, max_length in (("bundled CLAIR pairs", pairs, 384), ("random pairs <= 512 tokens", random_pairs(256), 512)):
+        for pairs_per_batch in (args.batch_size, 16):
+            epoch = train.train_batches(len(data), pairs_per_batch, 0, 0)
+            real = sum(train.collate(data, b, "cpu", 2 * max_length)["tokens"] for b in epoch)
+            processed = sum(train.collate(data, b, "cpu", 2 * max_length)["input_ids"].numel() for b in epoch)
+            right_padded = sum(train.collate(data, b, "cpu")["input_ids"].numel() for b in epoch)
+            row(f"2. padding efficiency, real / processed tokens: {name}, {pairs_per_batch} pairs per micro-batch",
+                f"{real / processed:.3f} (one padded sequence per row would give {real / right_padded:.3f})",
+                ">= 0.90", real / processed >= 0.90)
 
-    train_tps = sum(train.collate(pairs, b, "cpu")["input_ids"].numel() for b in step) / t_full
+    train_tps = sum(train.collate(pairs, b, "cpu")["tokens"] for b in step) / t_full
     subset = pairs[:args.precompute_pairs]
     start = time.perf_counter()
-    train.pairs_logps(model, subset, 2 * args.batch_size, device, dtype)
+    train.pairs_logps(model, subset, 2 * args.batch_size, device, dtype, row_tokens)
     elapsed = time.perf_counter() - start
     precompute_tps = sum(2 * len(p["prompt"]) + len(p["chosen"]) + len(p["rejected"]) for p in subset) / elapsed
     row("3. reference precompute / training throughput", f"{precompute_tps:.0f} / {train_tps:.0f} tokens/s = "
         f"{precompute_tps / train_tps:.1f}x", ">= 2.5x", precompute_tps / train_tps >= 2.5)
     with tempfile.TemporaryDirectory() as cache:
         train.REF_CACHE = Path(cache)
-        train.reference_logps(model, subset, train.weights_fingerprint(model, dtype), 2 * args.batch_size, device, dtype)
+        train.reference_logps(model, subset, train.weights_fingerprint(model, dtype), 2 * args.batch_size, device, dtype,
+                              row_tokens)
         start = time.perf_counter()  # a second run: fingerprint the weights, key the pairs, read the cache
-        train.reference_logps(model, subset, train.weights_fingerprint(model, dtype), 2 * args.batch_size, device, dtype)
+        train.reference_logps(model, subset, train.weights_fingerprint(model, dtype), 2 * args.batch_size, device, dtype,
+                              row_tokens)
         hit = time.perf_counter() - start
     row("3. reference cache hit (weights fingerprint included)", f"{hit:.2f} s", "< 1 s", hit < 1)
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
+def random_pairs(n, vocab=49152, seed=0):
+    """Pairs of random tokens, prompt and completion each of up to 512 tokens in all (TRL side-by-side's data)."""
+    rng = random.Random(seed)
+    pairs = []
+    for _ in range(n):
+        prompt = [rng.randrange(1, vocab) for _ in range(rng.randint(16, 128))]
+        pairs.append({"prompt": prompt, **{side: [rng.randrange(1, vocab) for _ in range(rng.randint(16, 512 - len(prompt)))]
+                                           for side in ("chosen", "rejected")}})
+    return pairs
+
+
+def peak_memory(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated()
+    # VmHWM, not getrusage: ru_maxrss survives fork and exec, so a child would start at its parent's peak.
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+    return int(status["VmHWM"].split()[0]) * 1024
+
+
 def child(args, mode):
-    """Peak memory of two training steps in a fresh process (run by bench_memory)."""
+    """In a fresh process (run by bench_memory and bench_scaling): the peak memory of two training steps,
+    or for mode 'scale', the tokens/s and peak memory of a step on --batch-size random pairs."""
     device = torch.device(args.device)
-    tokenizer, model, pairs, optimizer, batches = setup(args, device)
+    tokenizer, model, pairs, optimizer, batches, row_tokens = setup(args, device)
     dtype = "bf16" if device.type == "cuda" else "fp32"
     model.train()
+    if mode == "scale":  # one micro-batch: a warm-up step, then a timed one
+        pairs = random_pairs(args.batch_size, model.config.vocab_size)
+        step = [list(range(len(pairs)))]
+        seconds = timed(lambda: train.train_step(model, optimizer, list(model.parameters()), pairs,
+                                                 torch.zeros(len(pairs), 2), step, len(pairs), apo_zero_loss, 0.1,
+                                                 device, dtype, 1.0, 2 * 512), 1)
+        tokens = sum(2 * len(p["prompt"]) + len(p["chosen"]) + len(p["rejected"]) for p in pairs)
+        return f"{tokens} {tokens / seconds} {peak_memory(device)}"
     reference = None
     if mode == "live":
         _, reference = train.load_model(args.model, device)
@@ -151,22 +186,24 @@ def child(args, mode):
         ref = torch.zeros(len(pairs), 2)
         if reference is not None:
             with torch.no_grad(), train.autocast(device, dtype):
-                ref[indices] = train.sequence_logps(reference, train.collate(pairs, indices, device)).view(2, -1).T.cpu()
+                batch = train.collate(pairs, indices, device, row_tokens)
+                ref[indices] = train.sequence_logps(reference, batch).view(2, -1).T.cpu()
         train.train_step(model, optimizer, list(model.parameters()), pairs, ref, [indices], len(indices),
-                         apo_zero_loss, 0.1, device, dtype, 1.0)
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated()
-    # VmHWM, not getrusage: ru_maxrss survives fork and exec, so a child would start at its parent's peak.
-    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
-    return int(status["VmHWM"].split()[0]) * 1024
+                         apo_zero_loss, 0.1, device, dtype, 1.0, row_tokens)
+    return peak_memory(device)
+
+
+def in_child(args, mode, batch_size):
+    """The numbers child(args, mode) prints, from a fresh process."""
+    command = [sys.executable, __file__, "--child", mode, "--model", args.model, "--device", args.device,
+               "--batch-size", str(batch_size)] + (["--tiny"] if args.tiny else [])
+    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    return [float(x) for x in out.strip().splitlines()[-1].split()]
 
 
 def bench_memory(args, weight_bytes):
     def peak(mode):
-        command = [sys.executable, __file__, "--child", mode, "--model", args.model, "--device", args.device,
-                   "--batch-size", str(args.batch_size)] + (["--tiny"] if args.tiny else [])
-        out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-        return int(out.strip().splitlines()[-1])
+        return in_child(args, mode, args.batch_size)[0]
 
     gib = 2 ** 30
     live, precomputed = peak("live"), peak("precomputed")
@@ -177,6 +214,19 @@ def bench_memory(args, weight_bytes):
     naive = peak("naive")
     row("4. peak memory: naive float32 log-softmax / gather-logsumexp", f"{naive / gib:.2f} / {precomputed / gib:.2f} GiB",
         "below naive", precomputed < naive)
+
+
+def bench_scaling(args):
+    """Row 7: one micro-batch of 4, 8 and 16 random pairs (up to 512 tokens each), each in a fresh process."""
+    gib = 2 ** 30
+    measured = {n: in_child(args, "scale", n) for n in (4, 8, 16)}
+    for n, (tokens, tokens_per_s, peak) in measured.items():
+        row(f"7. {n} random pairs per micro-batch ({tokens:.0f} tokens)", f"{tokens_per_s:.0f} tokens/s, "
+            f"peak {peak / gib:.2f} GiB")
+    (tokens_4, speed_4, peak_4), (tokens_16, speed_16, peak_16) = measured[4], measured[16]
+    row("7. tokens/s at 16 pairs / at 4 pairs", f"{speed_16 / speed_4:.2f}x", ">= 0.90x", speed_16 / speed_4 >= 0.9)
+    row("7. peak memory growth / token growth, 4 to 16 pairs", f"{peak_16 / peak_4:.2f}x / {tokens_16 / tokens_4:.2f}x",
+        "memory <= tokens", peak_16 / peak_4 <= tokens_16 / tokens_4)
 
 
 def serve(urls, stop):
@@ -239,7 +289,7 @@ def gpu_row(label, model, card, peak_flops, rng, args, device):
     step = [list(range(len(pairs)))]
     seconds = timed(lambda: train.train_step(model, optimizer, list(model.parameters()), pairs,
                                              torch.zeros(len(pairs), 2), step, len(pairs), apo_zero_loss, 0.1,
-                                             device, "bf16", 1.0), args.repeats)
+                                             device, "bf16", 1.0, math.inf), args.repeats)
     tokens = 2 * len(pairs) * 1024
     params = sum(p.numel() for p in model.parameters())
     mfu = f", MFU {6 * params * tokens / seconds / peak_flops:.1%}" if peak_flops else ""
@@ -294,6 +344,7 @@ def main():
         weight_bytes = bench_training(args, device)
         bench_memory(args, weight_bytes)
         bench_clair()
+        bench_scaling(args)
     print("\n| measurement | value | target | met |\n|---|---|---|---|")
     for measurement, value, target, met in ROWS:
         print(f"| {measurement} | {value} | {target} | {met} |")
