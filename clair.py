@@ -206,7 +206,7 @@ class ChatClient:
         if status in (401, 403):
             return f" (check ${self.api_key_env})"
         if status == 404:
-            return f" (check {self.url_option}: it should end in /v1, e.g. http://localhost:8000/v1)"
+            return f" (check {self.url_option}: it should end in /v1, e.g. http://localhost:8000/v1; or the model)"
         return ""
 
 

@@ -1,9 +1,11 @@
 """clair.py against a real HTTP server on loopback: parsing real reviser replies, faults, kills, secrets."""
 
+import importlib.util
 import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -163,7 +165,7 @@ def test_failed_rows_exit_nonzero_are_kept_with_their_error_and_retried(tmp_path
 
 
 @pytest.mark.parametrize("suffix, fault, message", [
-    ("", None, r"HTTP 404 \(check --base-url: it should end in /v1, e\.g\. http://localhost:8000/v1\)"),
+    ("", None, r"HTTP 404 \(check --base-url: it should end in /v1, e\.g\. http://localhost:8000/v1; or the model\)"),
     ("/v1", "401", r"HTTP 401 \(check \$OPENAI_API_KEY\)"),
 ])
 def test_a_fatal_error_before_the_first_row_writes_no_file(tmp_path, suffix, fault, message):
@@ -340,6 +342,81 @@ def test_help_shows_the_defaults(capsys):
     assert exit.value.code == 0
     for default in ["(default: 2048)", "(default: 600.0)", "(default: 0.7)", "(default: 16)", "(default: 8)"]:
         assert default in help_text
+
+
+# ----------------------------------------------------------------------------- a real server
+
+@pytest.fixture(scope="module")
+def real_server(tmp_path_factory):
+    """`transformers serve` with the embedded SmolLM2 on a free loopback port: (base URL, model name)."""
+    missing = [name for name in ("fastapi", "uvicorn", "openai") if importlib.util.find_spec(name) is None]
+    if missing:
+        pytest.skip(f"transformers serve needs {', '.join(missing)}: pip install fastapi uvicorn openai")
+    import train
+
+    try:
+        model = train.resolve_model(train.DEFAULT_MODEL)
+    except SystemExit as e:
+        pytest.skip(f"the embedded model is missing: {e}")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log_path = tmp_path_factory.mktemp("serve") / "serve.log"
+    with open(log_path, "w") as log:
+        server = subprocess.Popen([sys.executable, "-m", "transformers.cli.transformers", "serve", model, "--host",
+                                   "127.0.0.1", "--port", str(port), "--device", "cpu"],
+                                  stdout=log, stderr=subprocess.STDOUT,
+                                  # One thread: on a busy machine torch's spinning threads slow each reply tenfold.
+                                  env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.time() + 120
+        while server.poll() is None and time.time() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.skip(f"transformers serve did not start: {log_path.read_text()[-500:]}")
+        yield f"http://127.0.0.1:{port}/v1", model
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_sample_revise_and_judge_against_a_real_server(tmp_path, real_server):
+    base_url, model = real_server
+    common = ["--base-url", base_url, "--model", model, "--max-tokens", "8"]  # 4 short requests in all
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"id": "p1", "prompt": "What is 2 + 2?"}])
+    clair.main(["sample", "--in", prompts, "--out", str(tmp_path / "s.jsonl"), "--top-p", "0.9", "--seed", "1",
+                *common])
+    (sample,) = read_out(tmp_path / "s.jsonl")
+    assert sample["id"] == "p1" and sample["completion"].strip()
+    # At 8 tokens SmolLM2 writes no revision marker: the row is revised, or dropped with the reply kept.
+    counts = clair.main(["revise", "--in", str(tmp_path / "s.jsonl"), "--out", str(tmp_path / "r.jsonl"), *common])
+    assert counts["done"] + counts["dropped"] == 1
+    if counts["dropped"]:
+        assert read_out(tmp_path / "r.rejects.jsonl")[0]["reply"]
+    two = [{"id": f"p1-{k}", "prompt_id": "p1", "prompt": sample["prompt"], "completion": c}
+           for k, c in enumerate((sample["completion"], "I do not know."))]
+    counts = clair.main(["judge", "--in", write_jsonl(tmp_path / "two.jsonl", two), "--out", str(tmp_path / "j.jsonl"),
+                         *common])
+    assert counts["done"] + counts["dropped"] == 1
+    if counts["dropped"]:
+        (reject,) = read_out(tmp_path / "j.rejects.jsonl")
+        assert len(reject["replies"]) == 2 and all(reject["replies"])
+
+
+def test_a_real_server_refuses_a_wrong_model_or_url_at_once(tmp_path, real_server):
+    base_url, model = real_server
+    clair.ChatClient(base_url, model).check()  # evaluate.py's judge check passes
+    samples = write_jsonl(tmp_path / "s.jsonl", [{"id": "a", "prompt": "q", "completion": "x"}])
+    for url, name, message in [(base_url, "no-such-model", "HTTP 400"),
+                               (base_url.removesuffix("/v1"), model, "HTTP 404 \\(check --base-url")]:
+        with pytest.raises(SystemExit, match=message):
+            clair.main(["stronger", "--in", samples, "--out", str(tmp_path / "o.jsonl"), "--base-url", url,
+                        "--model", name, "--max-tokens", "2"])
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["s.jsonl"]  # no empty output files
 
 
 # ----------------------------------------------------------------------------- contrastiveness
