@@ -266,12 +266,13 @@ def rows_to_skip(out, rejects_path):
     are taken out of the rejects file, replaced atomically, to be retried."""
     rejects = written_rows(rejects_path)
     dropped = [row for row in rejects if "error" not in row]
-    if len(dropped) < len(rejects) and not dropped:
-        rejects_path.unlink()
-    elif len(dropped) < len(rejects):
-        temporary = rejects_path.with_name(rejects_path.name + ".tmp")
-        temporary.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in dropped), encoding="utf-8")
-        temporary.replace(rejects_path)
+    if len(dropped) < len(rejects):  # the failed rows leave the file, to be retried
+        if dropped:
+            temporary = rejects_path.with_name(rejects_path.name + ".tmp")
+            temporary.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in dropped), encoding="utf-8")
+            temporary.replace(rejects_path)
+        else:
+            rejects_path.unlink()
     return {row["id"] for row in written_rows(out)} | {row["id"] for row in dropped}
 
 
@@ -319,8 +320,9 @@ def run_jobs(jobs, work, out, workers, desc):
                 bar.set_postfix(done=counts["done"], failed=counts["failed"], dropped=counts["dropped"],
                                 rps=f"{(counts['done'] + counts['dropped']) / (time.time() - start):.1f}",
                                 refresh=False)  # drawn at tqdm's own pace, not once per request
-    print(f"{desc}: {counts['done']} written to {out}, {counts['dropped']} dropped and {counts['failed']} failed "
-          f"(both in {rejects_path}), {counts['skipped']} already done")
+    rejected = f" (in {rejects_path})" if counts["dropped"] or counts["failed"] else ""
+    print(f"{desc}: {counts['done']} written to {out}, {counts['dropped']} dropped and {counts['failed']} failed"
+          f"{rejected}, {counts['skipped']} already done")
     if counts["failed"]:
         sys.exit(f"error: {desc}: {counts['failed']} of {len(todo)} rows failed after retries, each with its last "
                  f"error in {rejects_path}; rerun the same command to retry them")
