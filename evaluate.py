@@ -160,18 +160,19 @@ def judge_generations(client, rows, report, ref):
     judge_replies) and kept; a score is withheld (None) when most of its replies have none."""
     answers = {path: [sample[path] for sample in report["samples"]] for path in report["models"]}
     for path, scores in report["models"].items():
-        judged = {"accuracy_judge": [(row["id"], *grade(client, row, text)) for row, text in zip(rows, answers[path])
-                                     if row["answer"] is not None]}
+        judged = {}  # score name -> [(prompt id, score or None, reply)]
+        keyed = [(row, text) for row, text in zip(rows, answers[path]) if row["answer"] is not None]
+        if keyed:
+            judged["accuracy_judge"] = [(row["id"], *grade(client, row, text)) for row, text in keyed]
         if path != ref:
-            judged["win_rate_vs_ref"] = [(row["id"], *result) for row, mine, theirs in zip(rows, answers[path],
-                                                                                           answers[ref])
+            judged["win_rate_vs_ref"] = [(row["id"], *result)
+                                         for row, mine, theirs in zip(rows, answers[path], answers[ref])
                                          for result in pairwise(client, row, mine, theirs)]
-        unparsed = [{"id": i, "reply": reply} for results in judged.values() for i, score, reply in results
-                    if score is None]
         for key, results in judged.items():
             parsed = [score for _, score, _ in results if score is not None]
-            if results:
-                scores[key] = sum(parsed) / len(parsed) if 2 * len(parsed) >= len(results) else None
+            scores[key] = sum(parsed) / len(parsed) if 2 * len(parsed) >= len(results) else None
+        unparsed = [{"id": i, "reply": reply} for results in judged.values() for i, score, reply in results
+                    if score is None]
         scores.update(judge_replies=sum(map(len, judged.values())), judge_unparsed=len(unparsed),
                       unparsed_judge_replies=unparsed)
 
