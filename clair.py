@@ -8,12 +8,14 @@
     python clair.py stats     clair.jsonl stronger.jsonl judge.jsonl offpolicy.jsonl
 
 Every request goes to {base-url}/chat/completions with the key from $OPENAI_API_KEY (--api-key-env), which is
-never printed or written. Rows are appended as they finish; a rerun skips ids already in --out (or in its
-.rejects.jsonl), so a crash or kill loses at most the requests in flight.
+never printed or written. Rows are appended as they finish; a rerun skips ids already in --out and the rows
+dropped to its .rejects.jsonl, and retries the rows that failed, so a crash or kill loses at most the requests
+in flight. The exit status is non-zero when any row failed.
 """
 
 import argparse
 import json
+import math
 import os
 import random
 import re
@@ -23,8 +25,6 @@ import time
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
-
-import requests
 
 from preference_data import DataError, cut_torn_line, read_jsonl, split_completion
 
@@ -90,10 +90,12 @@ def parse_verdict(reply):
     return verdicts[-1].upper().replace("TIE", "tie") if verdicts else None
 
 
-def judge(client, task, a, b, max_tokens=1024):
-    """The judge's verdict on answers A and B to `task`: 'A', 'B', 'tie' or None (greedy decoding)."""
-    return parse_verdict(client.complete([{"role": "user", "content": fill(JUDGE_PROMPT, task=task, a=a, b=b)}],
-                                         0.0, max_tokens))
+def judge(client, task, a, b, temperature=0.0, max_tokens=1024, **options):
+    """(verdict, reply): the judge's verdict on answers A and B to `task` ('A', 'B', 'tie' or None) and its
+    reply text; greedy decoding unless a temperature is given, `options` (top_p, seed) passed on."""
+    reply = client.complete([{"role": "user", "content": fill(JUDGE_PROMPT, task=task, a=a, b=b)}], temperature,
+                            max_tokens, **options)
+    return parse_verdict(reply), reply
 
 
 def prompt_text(prompt):
@@ -107,34 +109,76 @@ def as_messages(prompt):
 
 # ----------------------------------------------------------------------------- the HTTP client
 
+CONNECT_TIMEOUT = 10.0  # seconds to reach the server; --timeout bounds the wait for its reply
+
+
 class FatalRequestError(RuntimeError):
     """A reply that retrying cannot fix (4xx other than 429)."""
 
 
+class RetriesExhausted(RuntimeError):
+    """Every try of one request failed: the server down, overloaded or replying garbage."""
+
+
+class ConsoleNotices:
+    """Lines on stderr, at most one per kind per `interval` seconds; the lines held back are counted in the
+    next one of their kind. Progress bars are cleared around each line."""
+
+    def __init__(self, interval=15.0):
+        self.interval, self.last, self.lock = interval, {}, threading.Lock()
+
+    def __call__(self, kind, line):
+        now = time.monotonic()
+        with self.lock:
+            shown_at, held = self.last.get(kind, (-math.inf, 0))
+            if now - shown_at < self.interval:
+                self.last[kind] = (shown_at, held + 1)
+                return
+            self.last[kind] = (now, 0)
+        from tqdm import tqdm
+
+        tqdm.write(line + (f" (and {held} more like it since the last such line)" if held else ""), file=sys.stderr)
+
+
 class ChatClient:
     """POST {base_url}/chat/completions with retries: 429, 5xx, timeouts, dropped connections and 200s
-    without valid JSON or choices are retried with exponential backoff and jitter, honouring Retry-After."""
+    without valid JSON or choices are retried with exponential backoff and jitter, honouring Retry-After.
+    Each retry is shown on stderr (one line per kind of failure per `notices` interval)."""
 
     def __init__(self, base_url, model, api_key_env="OPENAI_API_KEY", timeout=600.0, max_retries=8,
-                 max_backoff=60.0):
+                 max_backoff=60.0, url_option="--base-url"):
         self.url = base_url.rstrip("/") + "/chat/completions"
-        self.model, self.api_key_env = model, api_key_env
+        self.model, self.api_key_env, self.url_option = model, api_key_env, url_option
         self.timeout, self.max_retries, self.max_backoff = timeout, max_retries, max_backoff
         key = os.environ.get(api_key_env, "")
         self._headers = {"Authorization": f"Bearer {key}"} if key else {}
         self._local = threading.local()  # one requests.Session per thread
+        self.notices = ConsoleNotices()
 
-    def complete(self, messages, temperature, max_tokens):
-        """The reply text of one chat completion."""
+    def complete(self, messages, temperature, max_tokens, top_p=None, seed=None):
+        """The reply text of one chat completion; top_p and seed are sent when given."""
         body = {"model": self.model, "messages": messages, "temperature": temperature, "max_tokens": max_tokens}
+        body.update({k: v for k, v in (("top_p", top_p), ("seed", seed)) if v is not None})
+        return self._post(body, self.max_retries)
+
+    def check(self, max_retries=1):
+        """One tiny request with few retries, so that a wrong URL, model or key fails before any long work."""
+        self._post({"model": self.model, "messages": [{"role": "user", "content": "Say OK."}], "temperature": 0.0,
+                    "max_tokens": 1}, max_retries)
+
+    def _post(self, body, max_retries):
+        import requests
+
         if not hasattr(self._local, "session"):
             self._local.session = requests.Session()
         session = self._local.session
-        for attempt in range(self.max_retries + 1):
+        for attempt in range(max_retries + 1):
             wait_s, why = None, None
             try:
-                r = session.post(self.url, json=body, headers=self._headers, timeout=self.timeout)
-            except (requests.ConnectionError, requests.Timeout) as e:
+                r = session.post(self.url, json=body, headers=self._headers, timeout=(CONNECT_TIMEOUT, self.timeout))
+            except requests.Timeout as e:
+                why = f"{type(e).__name__} (the server may still be generating the abandoned request)"
+            except requests.ConnectionError as e:
                 why = type(e).__name__
             else:
                 if r.status_code == 200:
@@ -147,13 +191,23 @@ class ChatClient:
                     retry_after = r.headers.get("Retry-After", "")
                     wait_s = float(retry_after) if retry_after.replace(".", "", 1).isdigit() else None
                 else:
-                    hint = f" (check ${self.api_key_env})" if r.status_code in (401, 403) else ""
-                    raise FatalRequestError(f"{self.url}: HTTP {r.status_code}{hint}: {r.text[:300]}")
-            if attempt == self.max_retries:
-                raise RuntimeError(f"{self.url}: gave up after {attempt + 1} tries; last: {why}")
+                    raise FatalRequestError(f"{self.url}: HTTP {r.status_code}{self._hint(r.status_code)}: "
+                                            f"{r.text[:300]}")
+            if attempt == max_retries:
+                raise RetriesExhausted(f"{self.url}: gave up after {attempt + 1} tries; last: {why}")
             if wait_s is None:
                 wait_s = min(self.max_backoff, 2 ** attempt) * random.uniform(0.5, 1.0)
+            self.notices(why, f"retrying {self.url}: {why}; attempt {attempt + 1} of {max_retries + 1} failed, "
+                              f"next in {wait_s:.1f} s")
             time.sleep(wait_s)
+
+    def _hint(self, status):
+        """What to check for a 4xx that retrying cannot fix."""
+        if status in (401, 403):
+            return f" (check ${self.api_key_env})"
+        if status == 404:
+            return f" (check {self.url_option}: it should end in /v1, e.g. http://localhost:8000/v1; or the model)"
+        return ""
 
 
 def client_for(args):
@@ -161,39 +215,84 @@ def client_for(args):
     return ChatClient(args.base_url, args.model, args.api_key_env, args.timeout, args.max_retries)
 
 
+def decoding(args, sample_index=0):
+    """A subcommand's decoding flags as ChatClient.complete takes them; the seed, when given, is offset by the
+    sample index so that the samples of one prompt differ."""
+    seed = None if args.seed is None else args.seed + sample_index
+    return {"temperature": args.temperature, "max_tokens": args.max_tokens, "top_p": args.top_p, "seed": seed}
+
+
 # ----------------------------------------------------------------------------- resumable output
 
-def done_ids(path):
-    """Ids already written to `path`. A torn last line (a kill mid-write) is cut off, to be redone;
-    any other bad line is a DataError naming it, and nothing is deleted."""
+def written_rows(path):
+    """The rows already in `path`, each with an id. A torn last line (a kill mid-write) is cut off, to be
+    redone; any other bad line is a DataError naming it, and nothing is deleted."""
     path = Path(path)
     if not path.exists():
-        return set()
+        return []
     cut_torn_line(path)
-    ids = set()
+    rows = []
     for number, row in read_jsonl(path):
         if "id" not in row:
             raise DataError(f"{path}:{number}: field 'id': missing")
-        ids.add(row["id"])
-    return ids
+        rows.append(row)
+    return rows
+
+
+class JsonlAppender:
+    """Appends one flushed JSON line per row. The file and its folder are made at the first row, so a run
+    that writes nothing leaves nothing behind."""
+
+    def __init__(self, path):
+        self.path, self.file = Path(path), None
+
+    def write(self, row):
+        if self.file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(self.path, "a", encoding="utf-8")
+        self.file.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self.file.flush()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.file is not None:
+            self.file.close()
+
+
+def rows_to_skip(out, rejects_path):
+    """Ids a rerun skips: those in `out` and those dropped to the rejects file. Failed rows (with an `error`)
+    are taken out of the rejects file, replaced atomically, to be retried."""
+    rejects = written_rows(rejects_path)
+    dropped = [row for row in rejects if "error" not in row]
+    if len(dropped) < len(rejects):  # the failed rows leave the file, to be retried
+        if dropped:
+            temporary = rejects_path.with_name(rejects_path.name + ".tmp")
+            temporary.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in dropped), encoding="utf-8")
+            temporary.replace(rejects_path)
+        else:
+            rejects_path.unlink()
+    return {row["id"] for row in written_rows(out)} | {row["id"] for row in dropped}
 
 
 def run_jobs(jobs, work, out, workers, desc):
     """Run work(job) -> (row, None) | (None, reject) for each (id, job) over a thread pool.
 
     Rows go to `out`, rejects (dropped, with the reason) to `out`.rejects.jsonl, one flushed line each
-    as it completes. Ids in either file are skipped. Failures (retries exhausted) are counted and left
-    for the next run; a fatal error stops at once.
+    as it completes. Rows whose retries ran out go to the rejects file with their `error`; a rerun retries
+    them and skips every other id in either file. A fatal error stops at once. Exits non-zero when any row
+    failed.
     """
     from tqdm import tqdm
 
     rejects_path = Path(str(out).removesuffix(".jsonl") + ".rejects.jsonl")
-    skip = done_ids(out) | done_ids(rejects_path)
+    skip = rows_to_skip(out, rejects_path)
     todo = [(i, job) for i, job in jobs if i not in skip]
     counts = Counter(skipped=len(jobs) - len(todo))
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    notices = ConsoleNotices()
     start = time.time()
-    with open(out, "a", encoding="utf-8") as rows_file, open(rejects_path, "a", encoding="utf-8") as rejects_file, \
+    with JsonlAppender(out) as rows_file, JsonlAppender(rejects_path) as rejects_file, \
             ThreadPoolExecutor(workers) as pool, tqdm(total=len(todo), desc=desc, dynamic_ncols=True) as bar:
         pending, queue = {}, iter(todo)
         while True:
@@ -210,20 +309,23 @@ def run_jobs(jobs, work, out, workers, desc):
                     for f in pending:
                         f.cancel()
                     sys.exit(f"error: {e}")
-                except Exception as e:  # retries exhausted or a local failure: left for the next run
+                except Exception as e:  # retries exhausted or a local failure: kept with its error, for a rerun
                     counts["failed"] += 1
-                    tqdm.write(f"{job_id}: failed: {e}")
+                    rejects_file.write({"id": job_id, "error": str(e)})
+                    notices("failed", f"{desc}: {job_id} failed: {e}")
                 else:
-                    target = rows_file if row is not None else rejects_file
-                    target.write(json.dumps({"id": job_id, **(row or reject)}, ensure_ascii=False) + "\n")
-                    target.flush()
+                    (rows_file if row is not None else rejects_file).write({"id": job_id, **(row or reject)})
                     counts["done" if row is not None else "dropped"] += 1
                 bar.update()
                 bar.set_postfix(done=counts["done"], failed=counts["failed"], dropped=counts["dropped"],
                                 rps=f"{(counts['done'] + counts['dropped']) / (time.time() - start):.1f}",
                                 refresh=False)  # drawn at tqdm's own pace, not once per request
-    print(f"{desc}: {counts['done']} written to {out}, {counts['dropped']} dropped to {rejects_path}, "
-          f"{counts['failed']} failed (rerun to retry), {counts['skipped']} already done")
+    rejected = f" (in {rejects_path})" if counts["dropped"] or counts["failed"] else ""
+    print(f"{desc}: {counts['done']} written to {out}, {counts['dropped']} dropped and {counts['failed']} failed"
+          f"{rejected}, {counts['skipped']} already done")
+    if counts["failed"]:
+        sys.exit(f"error: {desc}: {counts['failed']} of {len(todo)} rows failed after retries, each with its last "
+                 f"error in {rejects_path}; rerun the same command to retry them")
     return counts
 
 
@@ -265,8 +367,8 @@ def cmd_sample(args):
 
     if args.base_url:
         client = client_for(args)
-        work = lambda job: (record(*job, client.complete(as_messages(job[0]["prompt"]), args.temperature,
-                                                          args.max_tokens), args.model), None)
+        work = lambda job: (record(*job, client.complete(as_messages(job[0]["prompt"]), **decoding(args, job[1])),
+                                   args.model), None)
         return run_jobs(jobs, work, args.out, args.workers, "sample")
     return sample_locally(args, jobs, record)
 
@@ -293,20 +395,18 @@ def sample_locally(args, jobs, record):
 
     from train import load_model
 
+    skip = {row["id"] for row in written_rows(args.out)}
+    todo = [job for job in jobs if job[0] not in skip]
     tokenizer, model = load_model(args.model, "cuda" if torch.cuda.is_available() else "cpu")
     model.eval()
-    torch.manual_seed(args.seed)
-    skip = done_ids(args.out)
-    todo = [job for job in jobs if job[0] not in skip]
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "a", encoding="utf-8") as f:
+    torch.manual_seed(args.seed or 0)
+    with JsonlAppender(args.out) as out:
         for start in tqdm(range(0, len(todo), args.batch_size), desc="sample"):
             batch = todo[start:start + args.batch_size]
             answers = generate(model, tokenizer, [row["prompt"] for _, (row, _) in batch], args.max_tokens,
-                               args.temperature, args.top_p)
+                               args.temperature, 1.0 if args.top_p is None else args.top_p)
             for (job_id, (row, k)), answer in zip(batch, answers):
-                f.write(json.dumps({"id": job_id, **record(row, k, answer, args.model)}, ensure_ascii=False) + "\n")
-            f.flush()
+                out.write({"id": job_id, **record(row, k, answer, args.model)})
     print(f"sample: {len(todo)} answers written to {args.out}, {len(skip)} already done")
     return Counter(done=len(todo), skipped=len(skip))
 
@@ -323,7 +423,7 @@ def cmd_revise(args):
         request = fill(template, task=prompt_text(row["prompt"]), student_solution=row["completion"])
         # One user message; the empty system message is the paper's request layout.
         reply = client.complete([{"role": "system", "content": ""}, {"role": "user", "content": request}],
-                                args.temperature, args.max_tokens)
+                                **decoding(args))
         parsed = parse_revision(reply)
         if parsed is None:
             return None, {"reason": "no revision marker or an empty revision", "reply": reply}
@@ -340,7 +440,7 @@ def cmd_stronger(args):
     client = client_for(args)
 
     def work(row):
-        answer = client.complete(as_messages(row["prompt"]), args.temperature, args.max_tokens).strip()
+        answer = client.complete(as_messages(row["prompt"]), **decoding(args)).strip()
         if not answer:
             return None, {"reason": "empty answer"}
         return {"prompt": row["prompt"], "chosen": answer, "rejected": row["completion"], "reviser": args.model}, None
@@ -363,12 +463,14 @@ def cmd_judge(args):
         if first["completion"] == second["completion"]:
             return None, {"reason": "identical samples"}
         task = prompt_text(first["prompt"])
-        forward = judge(client, task, first["completion"], second["completion"], args.max_tokens)
-        backward = judge(client, task, second["completion"], first["completion"], args.max_tokens)
+        (forward, forward_reply), (backward, backward_reply) = (
+            judge(client, task, a["completion"], b["completion"], **decoding(args))
+            for a, b in ((first, second), (second, first)))
         winner = {("A", "B"): first, ("B", "A"): second}.get((forward, backward))
         if winner is None:
-            reason = "tie" if "tie" in (forward, backward) else "orders disagree or no verdict"
-            return None, {"reason": reason, "verdicts": [forward, backward]}
+            verdicts = (forward, backward)
+            reason = "no verdict" if None in verdicts else "tie" if "tie" in verdicts else "orders disagree"
+            return None, {"reason": reason, "verdicts": list(verdicts), "replies": [forward_reply, backward_reply]}
         loser = second if winner is first else first
         return {"prompt": first["prompt"], "chosen": winner["completion"], "rejected": loser["completion"],
                 "judge": args.model}, None
@@ -456,22 +558,39 @@ def jaccard(a, b):
     return len(ta & tb) / len(ta | tb) if ta | tb else 1.0
 
 
+def contrastiveness(path):
+    """Table 1's column for one pair file."""
+    pairs = [tuple(split_completion(row, field, f"{path}:{number}")[1] for field in ("chosen", "rejected"))
+             for number, row in read_jsonl(path)]
+    if not pairs:
+        raise DataError(f"{path}: no pairs")
+    n = len(pairs)
+    return {
+        "pairs": n,
+        "jaccard (higher = more contrastive)": sum(jaccard(c, r) for c, r in pairs) / n,
+        "levenshtein (lower = more contrastive)": sum(levenshtein(c, r) for c, r in pairs) / n,
+        "chosen length (chars)": sum(len(c) for c, _ in pairs) / n,
+        "rejected length (chars)": sum(len(r) for _, r in pairs) / n,
+    }
+
+
 def cmd_stats(args):
-    """The paper's Table 1, one column per pair file."""
-    columns = {}
+    """The paper's Table 1, one column per readable pair file; the empty or bad ones are named after it."""
+    columns, problems = {}, []
     for path in args.files:
-        pairs = [tuple(split_completion(row, field, f"{path}:{number}")[1] for field in ("chosen", "rejected"))
-                 for number, row in read_jsonl(path)]
-        if not pairs:
-            raise DataError(f"{path}: no pairs")
-        n = len(pairs)
-        columns[Path(path).stem] = {
-            "pairs": n,
-            "jaccard (higher = more contrastive)": sum(jaccard(c, r) for c, r in pairs) / n,
-            "levenshtein (lower = more contrastive)": sum(levenshtein(c, r) for c, r in pairs) / n,
-            "chosen length (chars)": sum(len(c) for c, _ in pairs) / n,
-            "rejected length (chars)": sum(len(r) for _, r in pairs) / n,
-        }
+        try:
+            columns[Path(path).stem] = contrastiveness(path)
+        except DataError as e:
+            problems.append(str(e))
+    if columns:
+        print_table(columns)
+    if problems:
+        sys.exit(f"error: stats: {len(problems)} of {len(args.files)} files left out:\n  " + "\n  ".join(problems))
+    return columns
+
+
+def print_table(columns):
+    """A Markdown table: one row per key, one column per name."""
     names = list(columns)
     label = max(len(k) for k in columns[names[0]])
     widths = [max(12, len(n)) for n in names]
@@ -480,44 +599,57 @@ def cmd_stats(args):
     for key in columns[names[0]]:
         cells = [f"{columns[n][key]:.0f}" if key == "pairs" else f"{columns[n][key]:.3f}" for n in names]
         print(f"| {key:<{label}} | " + " | ".join(f"{c:>{w}}" for c, w in zip(cells, widths)) + " |")
-    return columns
 
 
 # ----------------------------------------------------------------------------- command line
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The docstring as written, and each option's default where it has one."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
-    def command(name, func, http=True, default_temperature=0.7, default_max_tokens=4096):
-        c = sub.add_parser(name, help=func.__doc__.splitlines()[0])
+    def command(name, func, http=True, default_temperature=0.7, default_max_tokens=2048):
+        c = sub.add_parser(name, help=func.__doc__.splitlines()[0], description=func.__doc__,
+                           formatter_class=HelpFormatter)
         c.set_defaults(func=func)
-        c.add_argument("--in", dest="inp", required=True)
-        c.add_argument("--out", required=True)
+        c.add_argument("--in", dest="inp", required=True, help="input JSONL")
+        c.add_argument("--out", required=True, help="output JSONL, appended to (rejects: OUT.rejects.jsonl)")
         if http:
-            c.add_argument("--base-url", required=name != "sample", help="e.g. http://localhost:8000/v1")
-            c.add_argument("--model", required=name != "sample")
+            local = name == "sample"
+            c.add_argument("--base-url", required=not local, help="the server's OpenAI-compatible base URL, ending "
+                           "in /v1, e.g. http://localhost:8000/v1" + (" (none: sample locally)" if local else ""))
+            c.add_argument("--model", required=not local, default="SmolLM2-135M-Instruct" if local else None,
+                           help="the model name sent to the server" + (
+                               "; without --base-url, a local path or hub id" if local else ""))
             c.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the key")
-            c.add_argument("--workers", type=int, default=16, help="concurrent requests")
-            c.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
-            c.add_argument("--max-retries", type=int, default=8)
-            c.add_argument("--temperature", type=float, default=default_temperature)
-            c.add_argument("--max-tokens", type=int, default=default_max_tokens)
+            c.add_argument("--workers", type=int, default=16, help="concurrent requests; fewer when the server is "
+                           "slow, since concurrency is what slows each request")
+            c.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for one reply (connecting: "
+                           f"{CONNECT_TIMEOUT:.0f} s); keep it above --max-tokens at the server's slowest speed")
+            c.add_argument("--max-retries", type=int, default=8, help="retries of a failed request")
+            c.add_argument("--temperature", type=float, default=default_temperature, help="sampling temperature")
+            c.add_argument("--max-tokens", type=int, default=default_max_tokens, help="the reply's length limit")
+            c.add_argument("--top-p", type=float, help="nucleus sampling, sent when given (local sampling: 1.0)")
+            c.add_argument("--seed", type=int, help="sent when given, plus the sample index for sample --n "
+                           "(local sampling: torch's seed, 0 when not given)")
         return c
 
     sample = command("sample", cmd_sample, default_max_tokens=512)
-    sample.set_defaults(model="SmolLM2-135M-Instruct")
     sample.add_argument("--n", type=int, default=1, help="samples per prompt (the on-policy judge needs 2)")
-    sample.add_argument("--top-p", type=float, default=1.0)
     sample.add_argument("--batch-size", type=int, default=16, help="local generation batch")
-    sample.add_argument("--seed", type=int, default=0)
     command("revise", cmd_revise).add_argument("--prompt-file", help="replaces the built-in revision prompt")
     command("stronger", cmd_stronger)
     command("judge", cmd_judge, default_temperature=0.0, default_max_tokens=1024)
     command("offpolicy", cmd_offpolicy, http=False)
-    stats = sub.add_parser("stats", help=cmd_stats.__doc__.splitlines()[0])
+    stats = sub.add_parser("stats", help=cmd_stats.__doc__.splitlines()[0], description=cmd_stats.__doc__)
     stats.set_defaults(func=cmd_stats)
-    stats.add_argument("files", nargs="+")
+    stats.add_argument("files", nargs="+", help="pair files in TRL's preference format")
     return p.parse_args(argv)
 
 

@@ -22,7 +22,7 @@ import torch
 import preference_data
 import train
 from apo import LOSSES
-from clair import ChatClient, FatalRequestError, fill, generate, judge, prompt_text
+from clair import ChatClient, FatalRequestError, HelpFormatter, RetriesExhausted, fill, generate, judge, prompt_text
 
 GRADER_PROMPT = """\
 Grade a response against the reference answer to a question. It is correct when its final answer means the \
@@ -39,7 +39,7 @@ same as the reference; wording and extra explanation do not matter. End with [[c
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model", required=True, nargs="+", help="trained checkpoints (train.py folders), one or more")
     p.add_argument("--ref", default=train.DEFAULT_MODEL, help="the reference / initial model")
     p.add_argument("--data", help="held-out preference pairs, JSONL")
@@ -53,9 +53,10 @@ def parse_args(argv):
     p.add_argument("--packing", choices=["auto", "on", "off"], default="auto", help="as in train.py")
     p.add_argument("--max-new-tokens", type=int, default=160)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy decoding, for both models")
-    p.add_argument("--judge-url", help="OpenAI-compatible base URL of a judge LLM")
-    p.add_argument("--judge-model", default="gpt-4-turbo")
-    p.add_argument("--api-key-env", default="OPENAI_API_KEY")
+    p.add_argument("--judge-url", help="OpenAI-compatible base URL of a judge LLM, ending in /v1; checked once "
+                   "before the generations")
+    p.add_argument("--judge-model", default="gpt-4-turbo", help="the judge's model name on that server")
+    p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the judge's key")
     p.add_argument("--out", help="write the results here as JSON")
     args = p.parse_args(argv)
     if not args.data and not args.prompts:
@@ -141,11 +142,9 @@ def read_prompts(path):
     return rows
 
 
-def generations(args, device):
-    """Answers of the reference and each checkpoint to --prompts, same decoding; accuracy, length, judge."""
-    rows = read_prompts(args.prompts)
+def generations(args, rows, device):
+    """Answers of the reference and each checkpoint to the prompts, same decoding; accuracy by match, length."""
     keyed = [i for i, r in enumerate(rows) if r["answer"] is not None]
-    client = ChatClient(args.judge_url, args.judge_model, args.api_key_env) if args.judge_url else None
     report = {"answered": len(rows), "with_answer_key": len(keyed), "models": {}}
     answers = {}
     for path in [args.ref, *args.model]:
@@ -159,41 +158,88 @@ def generations(args, device):
         scores = {"mean_answer_chars": sum(map(len, texts)) / len(texts)}
         if keyed:
             scores["accuracy_match"] = sum(matches(texts[i], rows[i]["answer"]) for i in keyed) / len(keyed)
-            if client:
-                scores["accuracy_judge"] = sum(grade(client, rows[i], texts[i]) for i in keyed) / len(keyed)
-        if client and path != args.ref:
-            scores["win_rate_vs_ref"] = win_rate(client, rows, texts, answers[args.ref])
         report["models"][path] = scores
     report["samples"] = [{"id": r["id"], **{path: texts[i] for path, texts in answers.items()}}
                          for i, r in enumerate(rows)]
     return report
 
 
+def judge_generations(client, rows, report, ref):
+    """The judge's scores beside each model's others: accuracy_judge on the prompts with an answer key and
+    win_rate_vs_ref, each over the replies with a verdict. Replies without one are counted (judge_unparsed of
+    judge_replies) and kept; a score is withheld (None) when most of its replies have none."""
+    answers = {path: [sample[path] for sample in report["samples"]] for path in report["models"]}
+    for path, scores in report["models"].items():
+        judged = {}  # score name -> [(prompt id, score or None, reply)]
+        keyed = [(row, text) for row, text in zip(rows, answers[path]) if row["answer"] is not None]
+        if keyed:
+            judged["accuracy_judge"] = [(row["id"], *grade(client, row, text)) for row, text in keyed]
+        if path != ref:
+            judged["win_rate_vs_ref"] = [(row["id"], *result)
+                                         for row, mine, theirs in zip(rows, answers[path], answers[ref])
+                                         for result in pairwise(client, row, mine, theirs)]
+        for key, results in judged.items():
+            parsed = [score for _, score, _ in results if score is not None]
+            scores[key] = sum(parsed) / len(parsed) if 2 * len(parsed) >= len(results) else None
+        unparsed = [{"id": i, "reply": reply} for results in judged.values() for i, score, reply in results
+                    if score is None]
+        scores.update(judge_replies=sum(map(len, judged.values())), judge_unparsed=len(unparsed),
+                      unparsed_judge_replies=unparsed)
+
+
 def grade(client, row, response):
-    """MixEval-style: an LLM parser decides whether a free-form response matches the answer key."""
+    """MixEval-style: an LLM parser decides whether a free-form response matches the answer key.
+    (True, False or None when the reply has no verdict; the reply)."""
     reply = client.complete([{"role": "user", "content": fill(GRADER_PROMPT, task=prompt_text(row["prompt"]),
                                                               answer=row["answer"], response=response)}], 0.0, 512)
     verdicts = re.findall(r"\[\[(correct|incorrect)\]\]", reply, flags=re.IGNORECASE)
-    return bool(verdicts) and verdicts[-1].lower() == "correct"
+    return (verdicts[-1].lower() == "correct" if verdicts else None), reply
 
 
-def win_rate(client, rows, policy, ref):
-    """Pairwise win rate of the checkpoint against the reference, judged in both orders; a tie counts half."""
-    score = {"A": 1.0, "B": 0.0, "tie": 0.5, None: 0.5}
-    total = 0.0
-    for row, mine, theirs in zip(rows, policy, ref):
-        task = prompt_text(row["prompt"])
-        total += score[judge(client, task, mine, theirs)] + (1.0 - score[judge(client, task, theirs, mine)])
-    return total / (2 * len(rows))
+def pairwise(client, row, mine, theirs):
+    """The checkpoint's answer against the reference's, judged in both orders: a (score, reply) for each,
+    the score 1 for a win, 0.5 for a tie, 0 for a loss and None without a verdict."""
+    task = prompt_text(row["prompt"])
+    wins = {"A": 1.0, "tie": 0.5, "B": 0.0}
+    (first, first_reply), (second, second_reply) = judge(client, task, mine, theirs), judge(client, task, theirs, mine)
+    return [(wins.get(first), first_reply), (None if second is None else 1.0 - wins[second], second_reply)]
 
 
 # ----------------------------------------------------------------------------- the plot
 
+PANELS = [("logps", "log-likelihood  log π(y|x)"), ("rewards", "reward  β·(log π − log π_ref)")]
+
+
+def curves(run):
+    """(label, {(metric, side): (steps, values)}) of a train.py run: its held-out metrics, or its training
+    metrics when it evaluated once at most. A missing field is a DataError naming file, line and field."""
+    metrics_path, args_path = Path(run) / "metrics.jsonl", Path(run) / "args.json"
+    numbered = list(preference_data.read_jsonl(metrics_path))
+    evals = [(number, m) for number, m in numbered if "eval/loss" in m]
+    prefix, points = ("eval/", evals) if len(evals) > 1 else ("", [(number, m) for number, m in numbered if "loss" in m])
+
+    def column(name):
+        missing = next((number for number, m in points if name not in m), None)
+        if missing is not None:
+            raise preference_data.DataError(f"{metrics_path}:{missing}: field '{name}': missing")
+        return [m[name] for _, m in points]
+
+    config = json.loads(args_path.read_text()) if args_path.exists() else {}
+    label = f"{config.get('loss', '?')} on {Path(config.get('data') or 'bundled CLAIR').stem}"
+    return label, {(metric, side): (column("step"), column(f"{prefix}{metric}/{side}"))
+                   for metric, _ in PANELS for side in ("chosen", "rejected")}
+
+
 def plot(argv):
-    p = argparse.ArgumentParser(prog="evaluate.py plot", description="Figure 4 from train.py runs' metrics.jsonl")
+    p = argparse.ArgumentParser(prog="evaluate.py plot", description="Figure 4 from train.py runs' metrics.jsonl",
+                                formatter_class=HelpFormatter)
     p.add_argument("runs", nargs="+", help="train.py --out folders")
-    p.add_argument("--out", default="figure4.png")
+    p.add_argument("--out", default="figure4.png", help="the PNG to write")
     args = p.parse_args(argv)
+    try:
+        runs = [curves(run) for run in args.runs]
+    except preference_data.DataError as e:
+        sys.exit(f"error: {e} (each run must be a train.py --out folder)")
     try:
         import matplotlib
 
@@ -202,22 +248,10 @@ def plot(argv):
     except ImportError:
         sys.exit("the plot needs matplotlib: pip install matplotlib")
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    panels = [("logps", "log-likelihood  log π(y|x)"), ("rewards", "reward  β·(log π − log π_ref)")]
-    for n, run in enumerate(args.runs):
-        metrics_path, args_path = Path(run) / "metrics.jsonl", Path(run) / "args.json"
-        try:
-            lines = [m for _, m in preference_data.read_jsonl(metrics_path)]
-        except preference_data.DataError as e:
-            sys.exit(f"error: {e} (is {run} a train.py --out folder?)")
-        config = json.loads(args_path.read_text()) if args_path.exists() else {}
-        label = f"{config.get('loss', '?')} on {Path(config.get('data') or 'bundled CLAIR').stem}"
-        evals = [m for m in lines if "eval/loss" in m]
-        prefix, points = ("eval/", evals) if len(evals) > 1 else ("", [m for m in lines if "loss" in m])
-        color = f"C{n}"
-        for ax, (metric, title) in zip(axes, panels):
+    for n, (label, lines) in enumerate(runs):
+        for ax, (metric, title) in zip(axes, PANELS):
             for side, style in (("chosen", "-"), ("rejected", "--")):
-                ax.plot([m["step"] for m in points], [m[f"{prefix}{metric}/{side}"] for m in points], style,
-                        color=color, marker="o", markersize=3, label=f"{label}: {side}")
+                ax.plot(*lines[metric, side], style, color=f"C{n}", marker="o", markersize=3, label=f"{label}: {side}")
             ax.set_title(title)
             ax.set_xlabel("optimizer step")
             ax.grid(alpha=0.3)
@@ -242,19 +276,43 @@ def main(argv=None):
     args.dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     results = {"model": args.model, "ref": args.ref}
     try:
+        rows = read_prompts(args.prompts) if args.prompts else None
+        client = judge_client(args) if args.judge_url and rows else None
         if args.data:
             results["pairs"] = evaluate_pairs(args, device)
-        if args.prompts:
-            results["generation"] = generations(args, device)
+        if rows:
+            results["generation"] = generations(args, rows, device)
+            if client:
+                judge_generations(client, rows, results["generation"], args.ref)
     except preference_data.DataError as e:
         sys.exit(f"error: {e}")
-    except FatalRequestError as e:
+    except (FatalRequestError, RetriesExhausted) as e:
+        if args.out and "generation" in results:  # the judge failed after the generations: keep them
+            write_results(results, args.out)
+            sys.exit(f"error: judge: {e} (the generations are in {args.out})")
         sys.exit(f"error: judge: {e}")
     print_table(results)
     if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
-        print(f"wrote {args.out}")
+        write_results(results, args.out)
+    models = results.get("generation", {}).get("models", {})
+    withheld = [f"{path} {key}" for path, scores in models.items() for key, value in scores.items() if value is None]
+    if withheld:
+        sys.exit(f"error: judge: most replies had no verdict, so these scores are withheld: {', '.join(withheld)}; "
+                 "check --judge-model and the unparsed_judge_replies" + (f" in {args.out}" if args.out else " (--out)"))
     return results
+
+
+def judge_client(args):
+    """The judge's ChatClient, checked with one tiny request: a wrong URL, model or key fails before any
+    long work."""
+    client = ChatClient(args.judge_url, args.judge_model, args.api_key_env, url_option="--judge-url")
+    client.check()
+    return client
+
+
+def write_results(results, path):
+    Path(path).write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    print(f"wrote {path}")
 
 
 def print_table(results):
@@ -273,12 +331,23 @@ def print_table(results):
     if "generation" in results:
         g = results["generation"]
         print(f"\ngenerations: {g['answered']} prompts, {g['with_answer_key']} with an answer key")
-        keys = [k for k in ("accuracy_match", "accuracy_judge", "mean_answer_chars", "win_rate_vs_ref")
-                if any(k in m for m in g["models"].values())]
+        keys = [k for k in ("accuracy_match", "accuracy_judge", "mean_answer_chars", "win_rate_vs_ref",
+                            "judge_unparsed") if any(k in m for m in g["models"].values())]
         print(f"{'':<32}" + "".join(f"{k:>20}" for k in keys))
         for path, scores in g["models"].items():
             label = ("reference: " if path == results["ref"] else "") + path[-22:]
-            print(f"{label:<32}" + "".join(f"{scores[k]:>20.3f}" if k in scores else f"{'':>20}" for k in keys))
+            print(f"{label:<32}" + "".join(f"{table_cell(scores, k):>20}" for k in keys))
+
+
+def table_cell(scores, key):
+    """One score as the table shows it: withheld when most judge replies had no verdict."""
+    if key not in scores:
+        return ""
+    if scores[key] is None:
+        return "withheld"
+    if key == "judge_unparsed":
+        return f"{scores[key]} of {scores['judge_replies']}"
+    return f"{scores[key]:.3f}"
 
 
 if __name__ == "__main__":

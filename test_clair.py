@@ -1,9 +1,11 @@
 """clair.py against a real HTTP server on loopback: parsing real reviser replies, faults, kills, secrets."""
 
+import importlib.util
 import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -58,7 +60,8 @@ def test_all_real_replies_parse_through_the_server(tmp_path):
     for identifier in ["{task}", "{student_solution}", "{teacher_reasoning}", "{corrected_student_solution}",
                        "\n-----------------\n"]:
         assert identifier in text
-    assert request["temperature"] == 0.7 and request["max_tokens"] == 4096
+    assert request["temperature"] == 0.7 and request["max_tokens"] == 2048
+    assert "top_p" not in request and "seed" not in request  # sent only when given
 
 
 def test_marker_priority_and_drops():
@@ -117,6 +120,20 @@ def test_retry_after_is_honoured():
         assert time.time() - start >= 0.05  # the server's Retry-After, though max_backoff is 0
 
 
+def test_retries_show_on_the_console_one_line_per_kind_per_interval(capsys):
+    with ChatServer(lambda body: "fine", faults=["500", "500", "429", "500"]) as server:
+        client = clair.ChatClient(server.base_url, "m", max_backoff=0.0)
+        assert client.complete([{"role": "user", "content": "hi"}], 0.0, 8) == "fine"
+        lines = capsys.readouterr().err.splitlines()
+        assert lines == [f"retrying {server.base_url}/chat/completions: HTTP 500; attempt 1 of 9 failed, next in 0.0 s",
+                         f"retrying {server.base_url}/chat/completions: HTTP 429; attempt 3 of 9 failed, next in 0.1 s"]
+        client.notices.interval = 0.0  # the interval has passed: the next line counts the ones held back
+        server.faults.append("500")
+        client.complete([{"role": "user", "content": "hi"}], 0.0, 8)
+    (line,) = capsys.readouterr().err.splitlines()
+    assert "HTTP 500; attempt 1 of 9" in line and line.endswith("(and 2 more like it since the last such line)")
+
+
 def test_401_fails_fast_naming_the_key_variable(tmp_path, monkeypatch):
     monkeypatch.setenv("MY_KEY", SECRET)
     with ChatServer(lambda body: "x", faults=["401"] * 5) as server:
@@ -126,17 +143,38 @@ def test_401_fails_fast_naming_the_key_variable(tmp_path, monkeypatch):
         assert len(server.requests) == 1 and SECRET not in str(error.value)
 
 
-def test_retries_give_up_and_leave_the_row_for_a_rerun(tmp_path):
+def test_failed_rows_exit_nonzero_are_kept_with_their_error_and_retried(tmp_path):
+    samples = write_jsonl(tmp_path / "s.jsonl", [{"id": i, "prompt": "q", "completion": f"x{i}"} for i in "abc"])
+    out, rejects = tmp_path / "o.jsonl", tmp_path / "o.rejects.jsonl"
+    reply = lambda body: "no marker" if "xc" in body["messages"][1]["content"] else "{corrected_student_solution}: y"
+    command = ["revise", "--in", samples, "--out", str(out), "--model", "m", "--workers", "1", "--max-retries", "1"]
+    with ChatServer(reply, faults=["500", "500"]) as server:  # the first row's two tries fail
+        with pytest.raises(SystemExit, match=r"1 of 3 rows failed after retries, each with its last error in "
+                                             r".*o\.rejects\.jsonl; rerun the same command to retry them") as exit:
+            clair.main([*command, "--base-url", server.base_url])
+    assert exit.value.code != 0
+    (done,) = read_out(out)
+    failed, dropped = sorted(read_out(rejects), key=lambda r: "error" in r, reverse=True)
+    assert failed == {"id": failed["id"], "error": f"{server.base_url}/chat/completions: gave up after 2 tries; "
+                                                   "last: HTTP 500"}
+    assert dropped["id"] == "c" and dropped["reason"].startswith("no revision marker")
+    with ChatServer(reply) as server:  # the rerun retries the failed row only, and the dropped row stays dropped
+        assert clair.main([*command, "--base-url", server.base_url])["done"] == 1
+        assert len(server.requests) == 1
+    assert sorted(r["id"] for r in read_out(out)) == ["a", "b"] and read_out(rejects) == [dropped]
+
+
+@pytest.mark.parametrize("suffix, fault, message", [
+    ("", None, r"HTTP 404 \(check --base-url: it should end in /v1, e\.g\. http://localhost:8000/v1; or the model\)"),
+    ("/v1", "401", r"HTTP 401 \(check \$OPENAI_API_KEY\)"),
+])
+def test_a_fatal_error_before_the_first_row_writes_no_file(tmp_path, suffix, fault, message):
     samples = write_jsonl(tmp_path / "s.jsonl", [{"id": "a", "prompt": "q", "completion": "x"}])
-    ok = lambda body: "{corrected_student_solution}: fixed"
-    with ChatServer(ok, faults=["500"] * 50) as server:
-        counts = clair.main(["revise", "--in", samples, "--out", str(tmp_path / "o.jsonl"),
-                             "--base-url", server.base_url, "--model", "m", "--max-retries", "1"])
-    assert counts["failed"] == 1 and not (tmp_path / "o.jsonl").read_text()
-    with ChatServer(ok) as server:
-        counts = clair.main(["revise", "--in", samples, "--out", str(tmp_path / "o.jsonl"),
-                             "--base-url", server.base_url, "--model", "m"])
-    assert counts["done"] == 1
+    with ChatServer(lambda body: "x", faults=[fault] * 5) as server:
+        with pytest.raises(SystemExit, match=message):
+            clair.main(["revise", "--in", samples, "--out", str(tmp_path / "new" / "o.jsonl"),
+                        "--base-url", server.base_url.removesuffix("/v1") + suffix, "--model", "m"])
+    assert not (tmp_path / "new").exists()
 
 
 @pytest.mark.parametrize("content, message", [
@@ -224,9 +262,14 @@ def test_judge_keeps_only_pairs_both_orders_agree_on(tmp_path):
         samples += [{"id": f"{pid}-{k}", "prompt_id": pid, "sample_index": k, "prompt": f"q {pid}", "completion": c}
                     for k, c in enumerate((x, y))]
 
+    samples += [{"id": f"mute-{k}", "prompt_id": "mute", "sample_index": k, "prompt": "q", "completion": f"mute {k}"}
+                for k in range(2)]
+
     def judge(body):
         text = body["messages"][0]["content"]
         a = text.split("[Answer A]\n")[1].split("\n\n[Answer B]")[0]
+        if "mute" in a:
+            return "Both are fine."  # no verdict
         if "tie" in a:
             return "Equal. [[tie]]"
         if "meh" in a:
@@ -235,13 +278,17 @@ def test_judge_keeps_only_pairs_both_orders_agree_on(tmp_path):
 
     with ChatServer(judge) as server:
         counts = clair.main(["judge", "--in", write_jsonl(tmp_path / "s.jsonl", samples), "--out",
-                             str(tmp_path / "o.jsonl"), "--base-url", server.base_url, "--model", "judge"])
+                             str(tmp_path / "o.jsonl"), "--base-url", server.base_url, "--model", "judge",
+                             "--temperature", "0.3"])
     pairs = {p["id"]: p for p in read_out(tmp_path / "o.jsonl")}
     assert set(pairs) == {"agree", "reversed"}
     assert all(p["chosen"] == "good answer" and p["rejected"] == "bad answer" for p in pairs.values())
-    reasons = {r["id"]: r["reason"] for r in read_out(tmp_path / "o.rejects.jsonl")}
-    assert reasons == {"biased": "orders disagree or no verdict", "tie": "tie"}
-    assert counts["dropped"] == 2 and len(server.requests) == 8
+    rejects = {r["id"]: r for r in read_out(tmp_path / "o.rejects.jsonl")}
+    assert {i: r["reason"] for i, r in rejects.items()} == {"biased": "orders disagree", "tie": "tie",
+                                                           "mute": "no verdict"}
+    assert rejects["mute"]["verdicts"] == [None, None] and rejects["mute"]["replies"] == ["Both are fine."] * 2
+    assert counts["dropped"] == 3 and len(server.requests) == 10
+    assert {r["temperature"] for r in server.requests} == {0.3}
 
 
 def test_offpolicy_best_vs_worst_drops_ties(tmp_path, capsys):
@@ -270,6 +317,106 @@ def test_sample_locally_and_from_an_endpoint(tmp_path, tiny_model):
     # Rows are written as requests complete, so in any order.
     assert sorted((r["id"], r["completion"]) for r in read_out(tmp_path / "remote.jsonl")) == [("p1", "an answer"),
                                                                                                ("p2", "an answer")]
+    assert not (tmp_path / "remote.rejects.jsonl").exists()  # nothing was dropped or failed
+
+
+def test_http_requests_carry_top_p_and_seed_where_given(tmp_path):
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"id": "p1", "prompt": "Hi"}])
+    with ChatServer(lambda body: "an answer") as server:
+        clair.main(["sample", "--base-url", server.base_url, "--model", "remote", "--in", prompts, "--out",
+                    str(tmp_path / "o.jsonl"), "--n", "2", "--top-p", "0.9", "--seed", "7", "--temperature", "1.0"])
+    # The seed is offset by the sample index, so that the two samples of a prompt differ.
+    assert sorted((r["top_p"], r["seed"], r["temperature"]) for r in server.requests) == [(0.9, 7, 1.0), (0.9, 8, 1.0)]
+
+
+def test_import_clair_needs_neither_torch_nor_transformers():
+    code = "import sys, clair; print(sorted({'torch', 'transformers', 'requests'} & set(sys.modules)))"
+    imported = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, check=True)
+    assert imported.stdout.strip() == "[]"  # requests, too, only once a request is sent: --help answers at once
+
+
+def test_help_shows_the_defaults(capsys):
+    with pytest.raises(SystemExit) as exit:
+        clair.main(["revise", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())  # unwrapped
+    assert exit.value.code == 0
+    for default in ["(default: 2048)", "(default: 600.0)", "(default: 0.7)", "(default: 16)", "(default: 8)"]:
+        assert default in help_text
+
+
+# ----------------------------------------------------------------------------- a real server
+
+@pytest.fixture(scope="module")
+def real_server(tmp_path_factory):
+    """`transformers serve` with the embedded SmolLM2 on a free loopback port: (base URL, model name)."""
+    missing = [name for name in ("fastapi", "uvicorn", "openai") if importlib.util.find_spec(name) is None]
+    if missing:
+        pytest.skip(f"transformers serve needs {', '.join(missing)}: pip install fastapi uvicorn openai")
+    import train
+
+    try:
+        model = train.resolve_model(train.DEFAULT_MODEL)
+    except SystemExit as e:
+        pytest.skip(f"the embedded model is missing: {e}")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log_path = tmp_path_factory.mktemp("serve") / "serve.log"
+    with open(log_path, "w") as log:
+        server = subprocess.Popen([sys.executable, "-m", "transformers.cli.transformers", "serve", model, "--host",
+                                   "127.0.0.1", "--port", str(port), "--device", "cpu"],
+                                  stdout=log, stderr=subprocess.STDOUT,
+                                  # One thread: on a busy machine torch's spinning threads slow each reply tenfold.
+                                  env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.time() + 120
+        while server.poll() is None and time.time() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.skip(f"transformers serve did not start: {log_path.read_text()[-500:]}")
+        yield f"http://127.0.0.1:{port}/v1", model
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_sample_revise_and_judge_against_a_real_server(tmp_path, real_server):
+    base_url, model = real_server
+    common = ["--base-url", base_url, "--model", model, "--max-tokens", "8"]  # 4 short requests in all
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"id": "p1", "prompt": "What is 2 + 2?"}])
+    clair.main(["sample", "--in", prompts, "--out", str(tmp_path / "s.jsonl"), "--top-p", "0.9", "--seed", "1",
+                *common])
+    (sample,) = read_out(tmp_path / "s.jsonl")
+    assert sample["id"] == "p1" and sample["completion"].strip()
+    # At 8 tokens SmolLM2 writes no revision marker: the row is revised, or dropped with the reply kept.
+    counts = clair.main(["revise", "--in", str(tmp_path / "s.jsonl"), "--out", str(tmp_path / "r.jsonl"), *common])
+    assert counts["done"] + counts["dropped"] == 1
+    if counts["dropped"]:
+        assert read_out(tmp_path / "r.rejects.jsonl")[0]["reply"]
+    two = [{"id": f"p1-{k}", "prompt_id": "p1", "prompt": sample["prompt"], "completion": c}
+           for k, c in enumerate((sample["completion"], "I do not know."))]
+    counts = clair.main(["judge", "--in", write_jsonl(tmp_path / "two.jsonl", two), "--out", str(tmp_path / "j.jsonl"),
+                         *common])
+    assert counts["done"] + counts["dropped"] == 1
+    if counts["dropped"]:
+        (reject,) = read_out(tmp_path / "j.rejects.jsonl")
+        assert len(reject["replies"]) == 2 and all(reject["replies"])
+
+
+def test_a_real_server_refuses_a_wrong_model_or_url_at_once(tmp_path, real_server):
+    base_url, model = real_server
+    clair.ChatClient(base_url, model).check()  # evaluate.py's judge check passes
+    samples = write_jsonl(tmp_path / "s.jsonl", [{"id": "a", "prompt": "q", "completion": "x"}])
+    for url, name, message in [(base_url, "no-such-model", "HTTP 400"),
+                               (base_url.removesuffix("/v1"), model, "HTTP 404 \\(check --base-url")]:
+        with pytest.raises(SystemExit, match=message):
+            clair.main(["stronger", "--in", samples, "--out", str(tmp_path / "o.jsonl"), "--base-url", url,
+                        "--model", name, "--max-tokens", "2"])
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["s.jsonl"]  # no empty output files
 
 
 # ----------------------------------------------------------------------------- contrastiveness
@@ -307,6 +454,18 @@ def test_stats_table(tmp_path, capsys):
     assert columns["close"]["jaccard (higher = more contrastive)"] > columns["far"]["jaccard (higher = more contrastive)"]
     out = capsys.readouterr().out
     assert "close" in out and "far" in out and "pairs" in out
+
+
+def test_stats_prints_every_readable_file_and_names_the_others(tmp_path, capsys):
+    close = write_jsonl(tmp_path / "close.jsonl", [{"prompt": "q", "chosen": "The cat sat.", "rejected": "The cat sit."}])
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "b"}, {"prompt": "q", "chosen": "a"}])
-    with pytest.raises(SystemExit, match=r"bad\.jsonl:2: field 'rejected': expected a string"):
-        clair.main(["stats", bad])
+    empty = write_jsonl(tmp_path / "empty.jsonl", [])
+    with pytest.raises(SystemExit) as exit:
+        clair.main(["stats", close, bad, empty, str(tmp_path / "missing.jsonl")])
+    out = capsys.readouterr().out
+    assert "close" in out and "| pairs" in out and "bad" not in out
+    message = str(exit.value.code)
+    assert message.startswith("error: stats: 3 of 4 files left out:")
+    for problem in ["bad.jsonl:2: field 'rejected': expected a string", "empty.jsonl: no pairs",
+                    "missing.jsonl: cannot read"]:
+        assert problem in message

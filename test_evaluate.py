@@ -1,11 +1,13 @@
 """evaluate.py: agrees with train.py's eval metrics, draws Figure 4, grades and judges over loopback."""
 
 import builtins
+import functools
 import json
 import shutil
 
 import pytest
 
+import clair
 import evaluate
 import train
 from conftest import ChatServer, arithmetic_pairs, write_jsonl
@@ -66,6 +68,9 @@ def test_plot_of_a_folder_that_is_no_run(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 0, "eval/loss": 1.0}\n{"step": 1, "lo\n')
     with pytest.raises(SystemExit, match=r"metrics\.jsonl:2: not valid JSON"):
         evaluate.main(["plot", str(tmp_path)])
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0, "loss": 1.0, "logps/chosen": -3.0}\n')
+    with pytest.raises(SystemExit, match=r"metrics\.jsonl:1: field 'logps/rejected': missing"):
+        evaluate.main(["plot", str(tmp_path)])
 
 
 @pytest.mark.parametrize("text, answer, expected", [
@@ -98,7 +103,9 @@ def test_generation_with_answer_key_and_judge(tmp_path, tiny_model):
     assert "win_rate_vs_ref" not in ref
     # The same weights under greedy decoding answer alike.
     assert policy["accuracy_match"] == ref["accuracy_match"] and policy["mean_answer_chars"] == ref["mean_answer_chars"]
-    assert len(server.requests) == 2 + 4  # one grade per model for the keyed row; 2 prompts x 2 orders
+    assert len(server.requests) == 1 + 2 + 4  # the check; one grade per model for the keyed row; 2 prompts x 2 orders
+    assert server.requests[0]["max_tokens"] == 1  # the check: a tiny request before any generation
+    assert (policy["judge_unparsed"], policy["judge_replies"], ref["judge_replies"]) == (0, 5, 1)
     samples = results["generation"]["samples"]
     assert [s["id"] for s in samples] == ["a", "b"] and set(samples[0]) == {"id", tiny_model, str(checkpoint)}
     assert json.loads((tmp_path / "r.json").read_text())["generation"]["with_answer_key"] == 1
@@ -108,3 +115,57 @@ def test_bad_prompts_file(tmp_path, tiny_model):
     (tmp_path / "p.jsonl").write_text('{"id": "a", "prompt": "q", "answer": 4}\n')
     with pytest.raises(SystemExit, match=r"p.jsonl:1: field 'answer'"):
         evaluate.main(["--model", tiny_model, "--ref", tiny_model, "--prompts", str(tmp_path / "p.jsonl")])
+
+
+@pytest.fixture
+def two_models(tmp_path, tiny_model):
+    """The tiny model as reference and a copy of it as checkpoint; a keyed and an open prompt."""
+    checkpoint = tmp_path / "copy"
+    shutil.copytree(tiny_model, checkpoint)
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "prompt": "What is 2 + 2?", "answer": "4"},
+                                                 {"id": "b", "prompt": "Write a haiku."}])
+    return ["--model", str(checkpoint), "--ref", tiny_model, "--prompts", prompts, "--max-new-tokens", "3"]
+
+
+def test_a_judge_without_verdicts_is_counted_and_its_scores_withheld(tmp_path, two_models, capsys):
+    with ChatServer(lambda body: "12 times 3 is 36.") as server:
+        with pytest.raises(SystemExit, match=r"most replies had no verdict, so these scores are withheld: .*copy "
+                                             r"accuracy_judge, .*copy win_rate_vs_ref.*r\.json") as exit:
+            evaluate.main([*two_models, "--judge-url", server.base_url, "--out", str(tmp_path / "r.json")])
+    assert exit.value.code != 0
+    table = capsys.readouterr().out
+    assert "withheld" in table and "5 of 5" in table and "0.500" not in table
+    policy = json.loads((tmp_path / "r.json").read_text())["generation"]["models"][two_models[1]]
+    assert policy["accuracy_judge"] is None and policy["win_rate_vs_ref"] is None
+    assert policy["unparsed_judge_replies"][0] == {"id": "a", "reply": "12 times 3 is 36."}
+
+
+def test_a_wrong_judge_url_fails_before_any_generation(tmp_path, two_models, monkeypatch):
+    monkeypatch.setattr(train, "load_model", lambda *args: pytest.fail("a model was loaded before the check"))
+    with ChatServer(lambda body: "[[A]]") as server:
+        with pytest.raises(SystemExit, match=r"^error: judge: .*HTTP 404 \(check --judge-url: it should end in /v1"):
+            evaluate.main([*two_models, "--judge-url", server.base_url.removesuffix("/v1")])
+        assert len(server.requests) == 1
+
+
+def test_a_judge_that_goes_away_keeps_the_generations(tmp_path, two_models, monkeypatch):
+    monkeypatch.setattr(evaluate, "ChatClient", functools.partial(clair.ChatClient, max_retries=1, max_backoff=0.0))
+
+    def reply(body):  # the check passes, then the judge fails for good
+        server.faults.extend(["500"] * 10)
+        return "OK"
+
+    with ChatServer(reply) as server:
+        with pytest.raises(SystemExit) as exit:
+            evaluate.main([*two_models, "--judge-url", server.base_url, "--out", str(tmp_path / "r.json")])
+    message = str(exit.value.code)
+    assert message.startswith("error: judge: ") and "gave up after 2 tries" in message and "\n" not in message
+    assert message.endswith(f"(the generations are in {tmp_path / 'r.json'})")
+    samples = json.loads((tmp_path / "r.json").read_text())["generation"]["samples"]
+    assert [s["id"] for s in samples] == ["a", "b"] and all(two_models[1] in s for s in samples)
+
+
+def test_help_shows_the_defaults(capsys):
+    with pytest.raises(SystemExit):
+        evaluate.main(["--help"])
+    assert "(default: gpt-4-turbo)" in " ".join(capsys.readouterr().out.split())
