@@ -69,6 +69,12 @@ def test_bad_input_names_file_line_and_field(tmp_path, line, message):
         preference_data.load_pairs(path)
 
 
+def test_a_binary_data_file_is_a_one_line_error(tmp_path, tiny_model):
+    (tmp_path / "pairs.parquet").write_bytes(b"PAR1\x15\x04\x15\x90\x01\x15\x90\x01L\x15\x04\x15\x00\x12\x00\x00\xc8")
+    with pytest.raises(SystemExit, match=r"^error: \S*pairs.parquet:1: not UTF-8 text \(byte 7\); expected JSONL"):
+        train.main(["--model", tiny_model, "--data", str(tmp_path / "pairs.parquet"), "--out", str(tmp_path / "o")])
+
+
 def test_empty_and_identical_completions_are_counted_drops(tmp_path):
     rows = [{"prompt": "q", "chosen": "a", "rejected": "b"}, {"prompt": "q", "chosen": " ", "rejected": "b"},
             {"prompt": "q", "chosen": "same", "rejected": "same"}]
