@@ -47,6 +47,20 @@ def tiny_model(tmp_path_factory):
     return make_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
 
 
+@pytest.fixture(scope="session")
+def padless_model(tmp_path_factory, tiny_model):
+    """The tiny model as Llama-3 ships: no pad token in its tokenizer, config or generation config."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("padless")
+    tokenizer, model = AutoTokenizer.from_pretrained(tiny_model), AutoModelForCausalLM.from_pretrained(tiny_model)
+    tokenizer.pad_token = None
+    model.config.pad_token_id = model.generation_config.pad_token_id = None
+    tokenizer.save_pretrained(folder)
+    model.save_pretrained(folder)
+    return str(folder)
+
+
 def write_jsonl(path, rows):
     with open(path, "w") as f:
         for row in rows:
