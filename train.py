@@ -89,6 +89,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if why := length_error(args.max_length, args.max_prompt_length):
         p.error(why)
+    if Path(args.model).exists():  # saved absolute: evaluate.py finds the reference from any directory
+        args.model = str(Path(args.model).resolve())
     return args
 
 
