@@ -19,18 +19,29 @@ CHAT_TEMPLATE = (
 )
 
 
-def make_tiny_model(folder, seed=0):
-    """Save a 2-layer random Llama and a byte-level BPE tokenizer (no merges) with a chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+def byte_level_tokenizer(bos_token=None, **special_tokens):
+    """A byte-level BPE tokenizer without merges (a token per byte) and `special_tokens`. With a `bos_token`,
+    plain tokenizer() calls prepend it (its post-processor), as Llama-3's and Gemma's tokenizers do."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
 
     alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {c: i for i, c in enumerate(sorted(alphabet))}
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(alphabet))}, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|im_end|>",
-                                        additional_special_tokens=["<|im_start|>"])
+    if bos_token:
+        backend.add_special_tokens([bos_token])
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{bos_token} $A", special_tokens=[(bos_token, backend.token_to_id(bos_token))])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=bos_token, **special_tokens)
+
+
+def make_tiny_model(folder, seed=0):
+    """Save a 2-layer random Llama and a byte-level BPE tokenizer (no merges) with a chat template."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = byte_level_tokenizer(eos_token="<|im_end|>", pad_token="<|im_end|>",
+                                     additional_special_tokens=["<|im_start|>"])
     tokenizer.chat_template = CHAT_TEMPLATE
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,

@@ -11,7 +11,6 @@ evaluate.py and clair.py import the pieces they share from here.
 
 import argparse
 import contextlib
-import datetime
 import hashlib
 import importlib.util
 import json
@@ -47,9 +46,9 @@ DEFAULT_TRAIN = HERE / "data" / "clair_train.jsonl"
 DEFAULT_EVAL = HERE / "data" / "clair_eval.jsonl"
 CACHE_DIR = Path(os.environ.get("CLAIR_APO_CACHE", Path.home() / ".cache" / "clair_apo"))
 REF_CACHE = CACHE_DIR / "ref_logps"  # one file per model fingerprint
-# A chat template that prints today's date (Llama-3.2, SmolLM3) would give other token ids every day: reference
-# cache misses, and evaluate.py disagreeing with train.py. Templates are rendered on this date instead.
-TEMPLATE_DATE = datetime.date(2024, 7, 26)
+# Llama-3.2's and 3.3's chat templates print today's date unless given `date_string`: other token ids every
+# day, reference cache misses, evaluate.py disagreeing with train.py. They get Llama-3.1's fixed date instead.
+TEMPLATE_DATE = "26 Jul 2024"
 
 
 def parse_args(argv=None):
@@ -158,9 +157,9 @@ def disable_dropout(model):
 
 def chat_ids(tokenizer, messages, add_generation_prompt=False):
     """Token ids of `messages` as the chat template writes them (a BOS only where the template writes one),
-    rendered on TEMPLATE_DATE."""
+    dated TEMPLATE_DATE."""
     return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True,
-                                         return_dict=False, strftime_now=TEMPLATE_DATE.strftime)
+                                         return_dict=False, date_string=TEMPLATE_DATE)
 
 
 def tokenize_completion(tokenizer, prompt, completion):
