@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from jinja2 import TemplateError
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -33,7 +34,6 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
-from jinja2 import TemplateError
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
@@ -666,7 +666,7 @@ def main(argv=None):
         tol = args.ref_check_tol or REF_CHECK_TOL[args.dtype]
         if not gap <= tol:  # NaN fails too
             sys.exit(f"error: step-0 check failed: policy and cached reference log-probs differ by {gap:.2e} "
-                     f"per sqrt(token) (> {tol:.0e}); dropout, truncation or masking differ, or the cache is stale")
+                     f"per sqrt(token) (> {tol:g}); dropout, truncation or masking differ, or the cache is stale")
     bar = tqdm(total=total_steps, initial=step, disable=rank() != 0, dynamic_ncols=True)
     while step < total_steps:
         epoch, index = divmod(step, steps_per_epoch)
