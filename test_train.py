@@ -89,6 +89,14 @@ def test_bad_data_exits_with_the_location(tmp_path, tiny_model):
         train.main(["--model", tiny_model, "--data", str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "o")])
 
 
+@pytest.mark.parametrize("flags", [["--max-prompt-length", "384"], ["--max-length", "100"],
+                                   ["--max-prompt-length", "0"]])
+def test_length_flags_must_leave_the_completion_room(flags, capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(flags)
+    assert "must be positive and below --max-length" in capsys.readouterr().err
+
+
 def test_tokenisation_is_positional_and_truncates(tiny_model):
     tokenizer, _ = train.load_model(tiny_model)
     prompt = [{"role": "user", "content": "Say hi."}]
@@ -116,14 +124,6 @@ def test_template_that_rewrites_the_prompt_is_an_error(tiny_model):
                                "{% if add_generation_prompt %}{{ ' <answer>' }}{% endif %}")
     with pytest.raises(preference_data.DataError, match="completion boundary"):
         train.tokenize_completion(tokenizer, [{"role": "user", "content": "q"}], "a")
-
-
-@pytest.mark.parametrize("flags", [["--max-prompt-length", "384"], ["--max-length", "100"],
-                                   ["--max-prompt-length", "0"]])
-def test_length_flags_must_leave_the_completion_room(flags, capsys):
-    with pytest.raises(SystemExit):
-        train.parse_args(flags)
-    assert "must be positive and below --max-length" in capsys.readouterr().err
 
 
 def test_batches_cover_every_pair_and_pack_without_padding():
