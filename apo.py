@@ -14,8 +14,9 @@ and returns the per-pair loss, shape [B]. With Delta(y) = log pi_theta(y|x) - lo
     APO-down   L = 1 + sigma(r_w) - sigma(r_w - r_l)          (paper eq. 8, plus 1: = 1 at start)
 
 The constant 1 keeps both APO losses in [0, 2], so logged values compare directly with TRL's; it
-changes no gradient. Each paired loss is a torch.autograd.Function whose backward is the closed form
-of the paper, with delta(u) = sigma(u) * (1 - sigma(u)) (peak 1/4 at u = 0) and g = grad log pi_theta:
+changes no gradient. Each paired loss is a torch.autograd.Function (static forward, setup_context and
+backward: torch.compile(fullgraph=True) traces it) whose backward is the closed form of the paper, with
+delta(u) = sigma(u) * (1 - sigma(u)) (peak 1/4 at u = 0) and g = grad log pi_theta:
 
     DPO        grad L = -beta * sigma(r_l - r_w) * (g_w - g_l)
     APO-zero   grad L = -beta * delta(r_w) * g_w + beta * delta(r_l) * g_l
@@ -59,62 +60,62 @@ def _input_grads(ctx, grad_chosen, grad_rejected):
 
 
 class _PairLoss(torch.autograd.Function):
-    """Shared forward plumbing: compute the rewards, save them, hand off to `loss` and `grads`."""
+    """Shared plumbing: `setup_context` saves the inputs. Each loss has a static `forward` (the loss from the
+    rewards) and a static `backward` (its closed-form gradient): the form torch.compile traces whole."""
 
-    @classmethod
-    def forward(cls, ctx, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta):
-        chosen_rewards, rejected_rewards = _rewards(
-            policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta
-        )
-        ctx.save_for_backward(chosen_rewards, rejected_rewards)
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        *logps, beta = inputs
+        ctx.save_for_backward(*logps)
         ctx.beta = beta
-        ctx.dtypes = (policy_chosen_logps.dtype, policy_rejected_logps.dtype)
-        return cls.loss(chosen_rewards, rejected_rewards)
-
-    @classmethod
-    def backward(cls, ctx, grad_loss):
-        chosen_rewards, rejected_rewards = ctx.saved_tensors
-        d_chosen, d_rejected = cls.grads(chosen_rewards, rejected_rewards, ctx.beta)
-        return _input_grads(ctx, grad_loss * d_chosen, grad_loss * d_rejected)
+        ctx.dtypes = (logps[0].dtype, logps[1].dtype)
 
 
 class _DPO(_PairLoss):
     @staticmethod
-    def loss(r_w, r_l):
+    def forward(*inputs):
         # -log sigma(r_w - r_l) = softplus(-(r_w - r_l)): finite for any margin.
+        r_w, r_l = _rewards(*inputs)
         return F.softplus(r_l - r_w)
 
     @staticmethod
-    def grads(r_w, r_l, beta):
+    def backward(ctx, grad_loss):
         # dL/dlogpi(y_w) = -beta * sigma(r_l - r_w);  dL/dlogpi(y_l) = +beta * sigma(r_l - r_w).
-        weight = beta * torch.sigmoid(r_l - r_w)
-        return -weight, weight
+        r_w, r_l = _rewards(*ctx.saved_tensors, ctx.beta)
+        weight = grad_loss * ctx.beta * torch.sigmoid(r_l - r_w)
+        return _input_grads(ctx, -weight, weight)
 
 
 class _APOZero(_PairLoss):
     @staticmethod
-    def loss(r_w, r_l):
+    def forward(*inputs):
         # Paper eq. 7 (+1): push the chosen likelihood up and the rejected down, each anchored at ref.
+        r_w, r_l = _rewards(*inputs)
         return 1 - torch.sigmoid(r_w) + torch.sigmoid(r_l)
 
     @staticmethod
-    def grads(r_w, r_l, beta):
+    def backward(ctx, grad_loss):
         # dL/dlogpi(y_w) = -beta * delta(r_w);  dL/dlogpi(y_l) = +beta * delta(r_l).
-        return -beta * _delta(r_w), beta * _delta(r_l)
+        r_w, r_l = _rewards(*ctx.saved_tensors, ctx.beta)
+        weight = grad_loss * ctx.beta
+        return _input_grads(ctx, -weight * _delta(r_w), weight * _delta(r_l))
 
 
 class _APODown(_PairLoss):
     @staticmethod
-    def loss(r_w, r_l):
+    def forward(*inputs):
         # Paper eq. 8 (+1): push the chosen likelihood down, and the rejected further down (margin term).
+        r_w, r_l = _rewards(*inputs)
         return 1 + torch.sigmoid(r_w) - torch.sigmoid(r_w - r_l)
 
     @staticmethod
-    def grads(r_w, r_l, beta):
+    def backward(ctx, grad_loss):
         # dL/dlogpi(y_w) = beta * delta(r_w) - beta * delta(r_w - r_l)  (0 at initialisation);
         # dL/dlogpi(y_l) = beta * delta(r_w - r_l).
-        margin_weight = beta * _delta(r_w - r_l)
-        return beta * _delta(r_w) - margin_weight, margin_weight
+        r_w, r_l = _rewards(*ctx.saved_tensors, ctx.beta)
+        weight = grad_loss * ctx.beta
+        margin = weight * _delta(r_w - r_l)
+        return _input_grads(ctx, weight * _delta(r_w) - margin, margin)
 
 
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=0.1):

@@ -374,18 +374,24 @@ def cmd_sample(args):
 
 
 def generate(model, tokenizer, prompts, max_tokens, temperature=0.0, top_p=1.0):
-    """Answers of a local model to a batch of prompts (strings or chat messages): chat template, left padding.
+    """Answers of a local model to a batch of prompts (strings or chat messages); temperature 0 decodes greedily.
 
-    temperature 0 decodes greedily."""
+    The prompts' token ids are train.py's (chat template, its BOS only, the same date), left-padded under an
+    attention mask. A tokenizer without a pad token (Llama-3) pads with its end-of-sequence id."""
     import torch
 
-    tokenizer.padding_side = "left"
-    texts = [tokenizer.apply_chat_template(as_messages(p), add_generation_prompt=True, tokenize=False) for p in prompts]
-    inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+    from train import chat_ids
+
+    ids = [chat_ids(tokenizer, as_messages(p), add_generation_prompt=True) for p in prompts]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    width = max(map(len, ids))
+    input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=model.device)
+    attention_mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=model.device)
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
     with torch.no_grad():
-        output = model.generate(**inputs, max_new_tokens=max_tokens, pad_token_id=tokenizer.pad_token_id, **sampling)
-    return [a.strip() for a in tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)]
+        output = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_tokens,
+                                pad_token_id=pad, **sampling)
+    return [a.strip() for a in tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)]
 
 
 def sample_locally(args, jobs, record):

@@ -19,19 +19,30 @@ CHAT_TEMPLATE = (
 )
 
 
+def byte_level_tokenizer(bos_token=None, **special_tokens):
+    """A byte-level BPE tokenizer without merges (a token per byte) and `special_tokens`. With a `bos_token`,
+    plain tokenizer() calls prepend it (its post-processor), as Llama-3's and Gemma's tokenizers do."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    backend = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(alphabet))}, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    if bos_token:
+        backend.add_special_tokens([bos_token])
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{bos_token} $A", special_tokens=[(bos_token, backend.token_to_id(bos_token))])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=bos_token, **special_tokens)
+
+
 def make_tiny_model(folder, seed=0, config_class=None, **config):
     """Save a random 2-layer model, a Llama unless `config_class` (a transformers config class, with `config`
     overriding the tiny sizes) says otherwise, and a byte-level BPE tokenizer (no merges) with a chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+    from transformers import AutoModelForCausalLM, LlamaConfig
 
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {c: i for i, c in enumerate(sorted(alphabet))}
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|im_end|>",
-                                        additional_special_tokens=["<|im_start|>"])
+    tokenizer = byte_level_tokenizer(eos_token="<|im_end|>", pad_token="<|im_end|>",
+                                     additional_special_tokens=["<|im_start|>"])
     tokenizer.chat_template = CHAT_TEMPLATE
     torch.manual_seed(seed)
     sizes = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -46,6 +57,20 @@ def make_tiny_model(folder, seed=0, config_class=None, **config):
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     return make_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def padless_model(tmp_path_factory, tiny_model):
+    """The tiny model as Llama-3 ships: no pad token in its tokenizer, config or generation config."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("padless")
+    tokenizer, model = AutoTokenizer.from_pretrained(tiny_model), AutoModelForCausalLM.from_pretrained(tiny_model)
+    tokenizer.pad_token = None
+    model.config.pad_token_id = model.generation_config.pad_token_id = None
+    tokenizer.save_pretrained(folder)
+    model.save_pretrained(folder)
+    return str(folder)
 
 
 def write_jsonl(path, rows):

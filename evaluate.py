@@ -5,8 +5,9 @@
     python evaluate.py --model CKPT --prompts P.jsonl --judge-url http://localhost:8000/v1 --judge-model M
     python evaluate.py plot runs/apo_zero runs/dpo --out figure4.png
 
---ref defaults to the embedded SmolLM2 (the initial policy). The reference's log-probs come from train.py's
-cache when it holds them. Tokenisation and log-probs are train.py's own functions.
+The reference (--ref), loss, beta, length limits, dtype and attention implementation default to the
+checkpoints' training args (trainer_state.pt). The reference's log-probs come from train.py's cache when it
+holds them. Tokenisation and log-probs are train.py's own functions.
 """
 
 import argparse
@@ -38,18 +39,25 @@ same as the reference; wording and extra explanation do not matter. End with [[c
 [[RESPONSE]]"""
 
 
+# Flags that default to the checkpoints' training args: evaluate.py's name -> train.py's.
+FROM_TRAINING = {"ref": "model", "loss": "loss", "beta": "beta", "max_length": "max_length",
+                 "max_prompt_length": "max_prompt_length", "dtype": "dtype",
+                 "attn_implementation": "attn_implementation"}
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model", required=True, nargs="+", help="trained checkpoints (train.py folders), one or more")
-    p.add_argument("--ref", default=train.DEFAULT_MODEL, help="the reference / initial model")
+    p.add_argument("--ref", help="the reference / initial model (default: the one the checkpoints were trained from)")
     p.add_argument("--data", help="held-out preference pairs, JSONL")
     p.add_argument("--prompts", help="prompts to answer, JSONL: id, prompt, optional answer")
-    p.add_argument("--loss", choices=sorted(LOSSES), default="apo_zero", help="for the reported loss")
-    p.add_argument("--beta", type=float, default=0.1)
+    p.add_argument("--loss", choices=sorted(LOSSES), help="for the reported loss (default: the training loss)")
+    p.add_argument("--beta", type=float, help="default: the training beta")
     p.add_argument("--batch-size", type=int, default=4, help="pairs per forward; prompts per generate")
-    p.add_argument("--max-length", type=int, default=384)
-    p.add_argument("--max-prompt-length", type=int, default=192)
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default=None)
+    p.add_argument("--max-length", type=int, help="default: the training one")
+    p.add_argument("--max-prompt-length", type=int, help="default: the training one")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], help="default: the training one")
+    p.add_argument("--attn-implementation", help="default: the training one")
     p.add_argument("--packing", choices=["auto", "on", "off"], default="auto", help="as in train.py")
     p.add_argument("--max-new-tokens", type=int, default=160)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy decoding, for both models")
@@ -61,7 +69,29 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if not args.data and not args.prompts:
         p.error("give --data (held-out pairs), --prompts (generation), or both")
+    trained = [saved for saved in map(training_args, args.model) if saved is not None]
+    if args.ref is None and not trained:
+        p.error("--ref: no checkpoint holds train.py's training args (trainer_state.pt); give the reference model")
+    defaults = vars(train.parse_args([]))  # train.py's own, for checkpoints it did not save
+    for flag, name in FROM_TRAINING.items():
+        if getattr(args, flag) is not None:
+            continue
+        values = {saved[name] for saved in trained}
+        if len(values) > 1:
+            p.error(f"the checkpoints were trained with different {name} ({', '.join(sorted(map(repr, values)))}): "
+                    f"give --{flag.replace('_', '-')}")
+        setattr(args, flag, values.pop() if values else defaults[name])
+    if why := train.length_error(args.max_length, args.max_prompt_length):
+        p.error(why)
     return args
+
+
+def training_args(checkpoint):
+    """train.py's args saved in a checkpoint's trainer_state.pt, or None for a model train.py did not save."""
+    path = Path(checkpoint) / "trainer_state.pt"
+    if not path.exists():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)["args"]  # mmap: optimizer unread
 
 
 # ----------------------------------------------------------------------------- held-out pairs (Figure 4)
@@ -93,7 +123,7 @@ def batching(name, model, pairs, args, device):
 def evaluate_pairs(args, device):
     """pair_report for each --model against --ref on --data; the reference's log-probs once (cached)."""
     rows, drops = preference_data.load_pairs(args.data)
-    tokenizer, ref_model = train.load_model(args.ref, device)
+    tokenizer, ref_model = train.load_model(args.ref, device, args.attn_implementation)
     pairs, tokenize_drops = train.tokenize_pairs(tokenizer, rows, args.max_length, args.max_prompt_length)
     if not pairs:
         raise preference_data.DataError(f"{args.data}: no pairs left after truncation")
@@ -102,7 +132,11 @@ def evaluate_pairs(args, device):
     del ref_model
     reports = {}
     for path in args.model:
-        _, model = train.load_model(path, device)
+        policy_tokenizer, model = train.load_model(path, device, args.attn_implementation)
+        if train.tokenize_pairs(policy_tokenizer, rows, args.max_length, args.max_prompt_length)[0] != pairs:
+            raise preference_data.DataError(
+                f"{path}: its tokenizer or chat template gives other token ids than the reference's ({args.ref}); "
+                "evaluate a checkpoint against the model it was trained from (--ref)")
         row_tokens = batching(path, model, pairs, args, device)
         policy = train.pairs_logps(model, pairs, args.batch_size, device, args.dtype, row_tokens).float()
         reports[path] = pair_report(policy, ref, pairs, LOSSES[args.loss], args.beta)

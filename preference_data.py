@@ -14,11 +14,18 @@ class DataError(ValueError):
 
 
 def read_jsonl(path):
-    """Yield (line_number, object) for each non-blank line; a malformed line is a DataError."""
+    """Yield (line_number, object) for each non-blank line; a malformed line or a file that is not UTF-8 text
+    (a parquet file, say) is a DataError."""
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        data = Path(path).read_bytes()
     except OSError as e:
         raise DataError(f"{path}: cannot read: {e.strerror}") from None
+    try:
+        lines = data.decode("utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        why = f"not UTF-8 text (byte {e.start}); expected JSONL, one JSON object a line"
+        raise DataError(f"{path}:{line}: {why}") from None
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue

@@ -419,6 +419,21 @@ def test_a_real_server_refuses_a_wrong_model_or_url_at_once(tmp_path, real_serve
     assert sorted(path.name for path in tmp_path.iterdir()) == ["s.jsonl"]  # no empty output files
 
 
+def test_local_generation_without_a_pad_token(tmp_path, padless_model):
+    """Llama-3 style: no pad token. Left padding under the attention mask: a batch answers as each prompt alone."""
+    from train import load_model
+
+    tokenizer, model = load_model(padless_model)
+    assert tokenizer.pad_token_id is None
+    prompts = ["Hi", [{"role": "user", "content": "Tell me a long story about a cat and a dog, please."}]]
+    alone = [clair.generate(model, tokenizer, [p], 8)[0] for p in prompts]
+    assert clair.generate(model, tokenizer, prompts, 8) == alone and alone[0] != alone[1]
+    prompts_file = write_jsonl(tmp_path / "p.jsonl", [{"id": "p", "prompt": "Hi"}])
+    clair.main(["sample", "--model", padless_model, "--in", prompts_file,
+                "--out", str(tmp_path / "s.jsonl"), "--max-tokens", "8", "--temperature", "0"])
+    assert read_out(tmp_path / "s.jsonl")[0]["completion"] == alone[0]
+
+
 # ----------------------------------------------------------------------------- contrastiveness
 
 def levenshtein_dp(a, b):

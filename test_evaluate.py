@@ -15,22 +15,27 @@ from conftest import ChatServer, arithmetic_pairs, write_jsonl
 
 @pytest.fixture
 def trained(tmp_path, tiny_model, ref_cache):
-    """A 3-step APO-zero run and a 3-step DPO run of the tiny model; their out folders and eval file."""
+    """A 3-step APO-zero run and a 3-step DPO run of the tiny model, beta and lengths not train.py's defaults
+    (completions truncated): their out folders and eval file."""
     data = write_jsonl(tmp_path / "train.jsonl", arithmetic_pairs(16))
     eval_data = write_jsonl(tmp_path / "eval.jsonl", arithmetic_pairs(6, seed=1))
     runs = []
     for loss in ("apo_zero", "dpo"):
         out = tmp_path / loss
         train.main(["--model", tiny_model, "--data", data, "--eval-data", eval_data, "--out", str(out), "--loss", loss,
-                    "--lr", "1e-3", "--max-steps", "3", "--epochs", "2", "--eval-every", "1", "--warmup-ratio", "0"])
+                    "--lr", "1e-3", "--max-steps", "3", "--epochs", "2", "--eval-every", "1", "--warmup-ratio", "0",
+                    "--beta", "0.25", "--max-length", "105", "--max-prompt-length", "100"])
         runs.append(out)
     return runs, eval_data
 
 
-def test_held_out_metrics_agree_with_train(trained, tiny_model, capsys):
+@pytest.mark.parametrize("give_ref", [False, True])
+def test_held_out_metrics_agree_with_train(trained, tiny_model, capsys, give_ref):
+    """Without --ref, the reference, loss, beta and lengths come from the checkpoint's training args."""
     (run, _), eval_data = trained
-    results = evaluate.main(["--model", str(run / "final"), "--ref", tiny_model, "--data", eval_data])
+    results = evaluate.main(["--model", str(run / "final"), "--data", eval_data, *(["--ref", tiny_model] * give_ref)])
     assert "computed" not in capsys.readouterr().out  # the reference came from train.py's cache
+    assert results["ref"] == tiny_model and results["pairs"]["pairs"] == 6
     last = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
     report = results["pairs"]["models"][str(run / "final")]
     for name in train.METRICS:
@@ -38,8 +43,37 @@ def test_held_out_metrics_agree_with_train(trained, tiny_model, capsys):
     chosen = report["chosen"]
     for side in ("chosen", "rejected"):
         assert report[side]["direction"] == ("up" if report[f"eval/rewards/{side}"] > 0 else "down")
-    assert chosen["logp_policy"] - chosen["logp_ref"] == pytest.approx(report["eval/rewards/chosen"] / 0.1, rel=1e-4)
+    assert chosen["logp_policy"] - chosen["logp_ref"] == pytest.approx(report["eval/rewards/chosen"] / 0.25, rel=1e-4)
     assert chosen["logp_per_token_ref"] == pytest.approx(chosen["logp_ref"] / chosen["mean_tokens"], rel=0.2)
+
+
+def test_checkpoints_trained_differently_need_the_flag(trained, capsys):
+    runs, eval_data = trained
+    with pytest.raises(SystemExit):
+        evaluate.main(["--model", *(str(run / "final") for run in runs), "--data", eval_data])
+    assert "trained with different loss ('apo_zero', 'dpo'): give --loss" in capsys.readouterr().err
+    results = evaluate.main(["--model", *(str(run / "final") for run in runs), "--data", eval_data, "--loss", "dpo"])
+    assert len(results["pairs"]["models"]) == 2
+
+
+def test_a_model_without_training_args_needs_ref(tiny_model, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        evaluate.main(["--model", tiny_model, "--data", write_jsonl(tmp_path / "e.jsonl", arithmetic_pairs(2))])
+    assert "--ref: no checkpoint holds train.py's training args" in capsys.readouterr().err
+
+
+def test_a_policy_with_another_tokenizer_is_refused(trained, tmp_path):
+    from transformers import AutoTokenizer
+
+    (run, _), eval_data = trained
+    other = tmp_path / "other"
+    shutil.copytree(run / "final", other)
+    tokenizer = AutoTokenizer.from_pretrained(other)
+    tokenizer.chat_template = tokenizer.chat_template.replace("tiny test model", "small test model")
+    tokenizer.save_pretrained(other)
+    with pytest.raises(SystemExit, match=r"other: its tokenizer or chat template gives other token ids than the "
+                                         r"reference's \("):
+        evaluate.main(["--model", str(other), "--data", eval_data])
 
 
 def test_plot_is_written(trained, tmp_path):
@@ -109,6 +143,14 @@ def test_generation_with_answer_key_and_judge(tmp_path, tiny_model):
     samples = results["generation"]["samples"]
     assert [s["id"] for s in samples] == ["a", "b"] and set(samples[0]) == {"id", tiny_model, str(checkpoint)}
     assert json.loads((tmp_path / "r.json").read_text())["generation"]["with_answer_key"] == 1
+
+
+def test_generation_without_a_pad_token(tmp_path, padless_model):
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "prompt": "What is 2 + 2?", "answer": "4"},
+                                                 {"id": "b", "prompt": "Write a haiku about the sea, please."}])
+    results = evaluate.main(["--model", padless_model, "--ref", padless_model, "--prompts", prompts,
+                             "--max-new-tokens", "5"])
+    assert [set(s) for s in results["generation"]["samples"]] == [{"id", padless_model}] * 2
 
 
 def test_bad_prompts_file(tmp_path, tiny_model):

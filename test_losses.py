@@ -156,3 +156,21 @@ def test_rewards_are_detached_and_scaled():
     assert not r_w.requires_grad and not r_l.requires_grad
     torch.testing.assert_close(r_w, 0.5 * (pc - rc).detach())
     torch.testing.assert_close(r_l, 0.5 * (pr - rr).detach())
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_traced_whole_by_torch_compile(name):
+    """fullgraph=True: dynamo traces each Function (static forward + setup_context), AOT autograd its backward."""
+    def step(pc, pr, rc, rr):
+        return (LOSSES[name](pc, pr, rc, rr, beta=BETA) * torch.linspace(0.5, 2, 8)).sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    eager_inputs = random_logps(8, 5.0, seed=3, dtype=torch.float32)
+    compiled_inputs = [t.detach().clone().requires_grad_() for t in eager_inputs]
+    eager, traced = step(*eager_inputs), compiled(*compiled_inputs)
+    eager.backward()
+    traced.backward()
+    torch.testing.assert_close(traced, eager)
+    for e, c in zip(eager_inputs, compiled_inputs):
+        torch.testing.assert_close(c.grad, e.grad)

@@ -70,6 +70,12 @@ def test_bad_input_names_file_line_and_field(tmp_path, line, message):
         preference_data.load_pairs(path)
 
 
+def test_a_binary_data_file_is_a_one_line_error(tmp_path, tiny_model):
+    (tmp_path / "pairs.parquet").write_bytes(b"PAR1\x15\x04\x15\x90\x01\x15\x90\x01L\x15\x04\x15\x00\x12\x00\x00\xc8")
+    with pytest.raises(SystemExit, match=r"^error: \S*pairs.parquet:1: not UTF-8 text \(byte 7\); expected JSONL"):
+        train.main(["--model", tiny_model, "--data", str(tmp_path / "pairs.parquet"), "--out", str(tmp_path / "o")])
+
+
 def test_empty_and_identical_completions_are_counted_drops(tmp_path):
     rows = [{"prompt": "q", "chosen": "a", "rejected": "b"}, {"prompt": "q", "chosen": " ", "rejected": "b"},
             {"prompt": "q", "chosen": "same", "rejected": "same"}]
@@ -84,16 +90,27 @@ def test_bad_data_exits_with_the_location(tmp_path, tiny_model):
         train.main(["--model", tiny_model, "--data", str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "o")])
 
 
+@pytest.mark.parametrize("flags", [["--max-prompt-length", "384"], ["--max-length", "100"],
+                                   ["--max-prompt-length", "0"]])
+def test_length_flags_must_leave_the_completion_room(flags, capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(flags)
+    assert "must be positive and below --max-length" in capsys.readouterr().err
+
+
 def test_tokenisation_is_positional_and_truncates(tiny_model):
     tokenizer, _ = train.load_model(tiny_model)
     prompt = [{"role": "user", "content": "Say hi."}]
     prompt_ids, completion_ids = train.tokenize_completion(tokenizer, prompt, "Hi!")
     assert tokenizer.decode(completion_ids) == "Hi!<|im_end|>\n"  # the end-of-turn token is the completion's
     assert tokenizer.decode(prompt_ids).endswith("<|im_start|>assistant\n")
-    rows = [{"prompt": prompt, "chosen": "Hi! " * 50, "rejected": "Hello."},
-            {"prompt": [{"role": "user", "content": "long " * 100}], "chosen": "a", "rejected": "b"}]
+    rows = [{"id": "1", "prompt": prompt, "chosen": "Hi! " * 50, "rejected": "Hello."},
+            {"id": "2", "prompt": [{"role": "user", "content": "long " * 100}], "chosen": "a", "rejected": "b"},
+            {"id": "3", "prompt": prompt, "chosen": "Hi! " * 50, "rejected": "Hi! " * 50 + "Bye."}]
     pairs, drops = train.tokenize_pairs(tokenizer, rows, max_length=128, max_prompt_length=80)
-    assert drops == {"prompt longer than --max-prompt-length": 1}
+    assert drops == {"prompt longer than --max-prompt-length": 1,
+                     "chosen identical to rejected once tokenised and truncated": 1}  # it would push the shared text
+    assert len(pairs) == 1
     assert len(pairs[0]["prompt"]) + len(pairs[0]["chosen"]) == 128
     batch = train.collate(pairs, [0], "cpu")
     # Positional: the labels are exactly the completion tokens, though the pad id equals the end-of-turn id.
@@ -230,8 +247,8 @@ def test_gradient_checkpointing_gives_the_same_step(tmp_path, tiny_model, ref_ca
 def test_bf16_autocast_run(tmp_path, tiny_model, ref_cache):
     """The dtype CUDA runs default to, here on the CPU: bf16 autocast with float32 log-probs and losses."""
     _, metrics = run_train(tmp_path, tiny_model, "bf16", "--max-steps", "3", "--dtype", "bf16")
-    gap = [m for m in metrics if "ref_check/max_abs_diff_per_token" in m][0]["ref_check/max_abs_diff_per_token"]
-    assert gap < 5e-2  # the bf16 tolerance of the step-0 check
+    gap = [m for m in metrics if "ref_check/max_abs_diff_per_sqrt_token" in m][0]["ref_check/max_abs_diff_per_sqrt_token"]
+    assert gap < train.REF_CHECK_TOL["bf16"]
     train_lines = [m for m in metrics if "loss" in m]
     assert all(math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"]) for m in train_lines)
     assert train_lines[-1]["rewards/margins"] > 0
@@ -263,7 +280,7 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path, tiny_model, ref_cache)
 
 def test_reference_cache_is_reused_and_step0_check_catches_a_wrong_reference(tmp_path, tiny_model, ref_cache, capsys):
     _, metrics = run_train(tmp_path, tiny_model, "first", "--max-steps", "1")
-    assert [m for m in metrics if "ref_check/max_abs_diff_per_token" in m][0]["ref_check/max_abs_diff_per_token"] < 1e-5
+    assert [m for m in metrics if "ref_check/max_abs_diff_per_sqrt_token" in m][0]["ref_check/max_abs_diff_per_sqrt_token"] < 1e-5
     assert "0 cached" in capsys.readouterr().out
     run_train(tmp_path, tiny_model, "second", "--max-steps", "1")
     assert "computed" not in capsys.readouterr().out  # every log-prob came from the cache
@@ -273,6 +290,42 @@ def test_reference_cache_is_reused_and_step0_check_catches_a_wrong_reference(tmp
     torch.save(saved, cache_file)
     with pytest.raises(SystemExit, match="step-0 check failed"):
         run_train(tmp_path, tiny_model, "third", "--max-steps", "1")
+
+
+def test_step0_check_catches_a_whole_sequence_mismatch_at_any_length(tiny_model):
+    """A reference 15 nats off on a 300-token answer: 0.05 per token, within a per-token bf16 tolerance."""
+    _, model = train.load_model(tiny_model)
+    train.disable_dropout(model)
+    pairs = [{"prompt": [5, 6, 7], "chosen": [40 + i % 50 for i in range(300)], "rejected": [60, 61, 62, 63]}]
+    ref = train.pairs_logps(model, pairs, 1, torch.device("cpu"), "fp32").float()
+    model.train()
+    assert train.reference_gap(model, pairs, ref, [0], torch.device("cpu"), "fp32") < train.REF_CHECK_TOL["fp32"]
+    stale = ref + torch.tensor([[15.0, 0.0]])
+    assert train.reference_gap(model, pairs, stale, [0], torch.device("cpu"), "fp32") > train.REF_CHECK_TOL["bf16"]
+
+
+def test_fingerprint_covers_config_and_attention_implementation(tiny_model, tmp_path):
+    _, model = train.load_model(tiny_model)
+    fingerprint = train.weights_fingerprint(model, "fp32")
+    shutil.copytree(tiny_model, tmp_path / "copy")  # the same model by another path: the same fingerprint
+    assert train.weights_fingerprint(train.load_model(str(tmp_path / "copy"))[1], "fp32") == fingerprint
+    assert train.weights_fingerprint(model, "bf16") != fingerprint
+    eager = train.load_model(tiny_model, attn_implementation="eager")[1]
+    assert train.weights_fingerprint(eager, "fp32") != fingerprint
+    model.config.rope_parameters["rope_theta"] = 500_000.0  # the same weights, other log-probs
+    assert train.weights_fingerprint(model, "fp32") != fingerprint
+
+
+def test_max_grad_norm_0_means_no_clipping(tmp_path, tiny_model, ref_cache):
+    unclipped, metrics = run_train(tmp_path, tiny_model, "zero", "--max-steps", "1", "--max-grad-norm", "0")
+    huge, metrics_huge = run_train(tmp_path, tiny_model, "huge", "--max-steps", "1", "--max-grad-norm", "1e9")
+    grad_norms = [[m["grad_norm"] for m in ms if "grad_norm" in m] for ms in (metrics, metrics_huge)]
+    assert grad_norms[0] == grad_norms[1] and grad_norms[0][0] > 0  # measured and logged, not applied
+    initial = load_file(Path(tiny_model) / "model.safetensors")
+    wa, wb = final_weights(unclipped), final_weights(huge)
+    assert not torch.equal(wa["lm_head.weight"], initial["lm_head.weight"])  # 0 did not zero the update
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], atol=0, rtol=0)
 
 
 def test_non_finite_loss_stops_with_the_step(tmp_path, tiny_model, ref_cache):
