@@ -97,7 +97,7 @@ def test_training_passes_the_step0_check_and_evaluates_exactly(family, tmp_path,
                 "--out", str(out), "--max-steps", "2", "--batch-size", "2", "--grad-accum", "1", "--lr", "1e-3"])
     assert f"batching: {'one padded' if expected == 'padded' else 'packed'}" in capsys.readouterr().out
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert metrics[1]["ref_check/max_abs_diff_per_token"] < 1e-4 and metrics[-2]["step"] == 2
+    assert metrics[1]["ref_check/max_abs_diff_per_sqrt_token"] < 1e-4 and metrics[-2]["step"] == 2
     tokenizer, model = train.load_model(folder)
     pairs, _ = train.tokenize_pairs(tokenizer, eval_rows, 384, 192)
     for side in ("chosen", "rejected"):

@@ -299,9 +299,9 @@ def test_step0_check_catches_a_whole_sequence_mismatch_at_any_length(tiny_model)
     pairs = [{"prompt": [5, 6, 7], "chosen": [40 + i % 50 for i in range(300)], "rejected": [60, 61, 62, 63]}]
     ref = train.pairs_logps(model, pairs, 1, torch.device("cpu"), "fp32").float()
     model.train()
-    assert train.reference_gap(model, pairs, ref, [0], torch.device("cpu"), "fp32") < train.REF_CHECK_TOL["fp32"]
+    assert train.reference_gap(model, pairs, ref, [0], torch.device("cpu"), "fp32", None) < train.REF_CHECK_TOL["fp32"]
     stale = ref + torch.tensor([[15.0, 0.0]])
-    assert train.reference_gap(model, pairs, stale, [0], torch.device("cpu"), "fp32") > train.REF_CHECK_TOL["bf16"]
+    assert train.reference_gap(model, pairs, stale, [0], torch.device("cpu"), "fp32", None) > train.REF_CHECK_TOL["bf16"]
 
 
 def test_fingerprint_covers_config_and_attention_implementation(tiny_model, tmp_path):
