@@ -20,9 +20,9 @@ to three constraints, each checked by code, each fixable by a minimal edit compu
 - CLAIR chosen: `revise(rejected)`, the exact smallest Levenshtein edit that satisfies every constraint
   (edit distance to a regular language, Wagner 1974): only what is wrong changes.
 - Stronger-Preferred chosen: `revise(fresh)`, where `fresh` is the fixed short answer per base question in
-  data/revisions.jsonl (written once, by the reviser, as its Stronger-Preferred answer, from the question
-  alone), with the constraints applied. It never sees the student's sample for the constrained prompt; it is
-  correct and fluent, but shares little text with the rejected side. SmolLM2's own greedy answer was not used:
+  data/revisions.jsonl (written once, as the bundled data's Stronger-Preferred answer, "without regard to the
+  student's" answer: data/README.md), with the constraints applied. It never sees this experiment's samples
+  for the constrained prompts; it is right and fluent, but shares little text with the rejected side. SmolLM2's own greedy answer was not used:
   it would be neither stronger nor independent of the student.
 - Arms: CLAIR x {DPO, APO-zero, APO-down}, Stronger Preferred x {APO-zero, DPO}, each a `train.main` run with
   the same pairs count, prompts, steps, lr and beta. Seed s draws the same --pairs training prompts for every
@@ -227,14 +227,15 @@ def answer(model_path, prompts, args):
                         for p, t, n, f in zip(prompts, texts, tokens, failures)]}
 
 
-def evaluate_model(model_path, prompts, args):
-    return {split: answer(model_path, [p for p in prompts if p["split"] == split], args) for split in ("val", "test")}
+def evaluate_model(model_path, prompts, args, splits=("val", "test")):
+    return {split: answer(model_path, [p for p in prompts if p["split"] == split], args) for split in splits}
 
 
 # ----------------------------------------------------------------------------- runs
 
 def run(arm, lr, seed, pairs, args, prompts):
-    """One train.main run of an arm, then its answers on the validation and test prompts: result.json."""
+    """One train.main run of an arm, then its answers to the test prompts (and, at seed 0, the tuning runs, to
+    the validation prompts): result.json."""
     folder = Path(args.out) / "runs" / arm / f"lr{lr:g}-seed{seed}"
     result_path = folder / "result.json"
     if result_path.exists():
@@ -251,7 +252,7 @@ def run(arm, lr, seed, pairs, args, prompts):
                 "--max-prompt-length", str(args.max_prompt_length),
                 "--seed", str(seed), "--out", str(folder)])
     result = {"arm": arm, "lr": lr, "seed": seed, "pair_ids": chosen_ids,
-              **evaluate_model(str(folder / "final"), prompts, args)}
+              **evaluate_model(str(folder / "final"), prompts, args, ("val", "test") if seed == 0 else ("test",))}
     write_json(result_path, result)
     shutil.rmtree(folder / "final")
     return result
