@@ -19,8 +19,9 @@ CHAT_TEMPLATE = (
 )
 
 
-def make_tiny_model(folder, seed=0):
-    """Save a 2-layer random Llama and a byte-level BPE tokenizer (no merges) with a chat template."""
+def make_tiny_model(folder, seed=0, **sizes):
+    """Save a 2-layer random Llama and a byte-level BPE tokenizer (no merges) with a chat template;
+    `sizes` override the LlamaConfig (bench_scale.py builds a 231M one)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -37,6 +38,7 @@ def make_tiny_model(folder, seed=0):
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                          bos_token_id=None, tie_word_embeddings=False)
+    config.update(sizes)
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return str(folder)
