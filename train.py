@@ -337,7 +337,7 @@ def wrap_model(model, fsdp, dtype, device):
         model.to_empty(device=device)
         model.tie_weights()  # to_empty gives each parameter new storage, untying tied embeddings
     if not fsdp:
-        return torch.nn.parallel.DistributedDataParallel(model.to(device))
+        return torch.nn.parallel.DistributedDataParallel(model.to(device), gradient_as_bucket_view=True)
     set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     for buffer in model.buffers():  # non-persistent ones, such as rotary frequencies, are in no state dict
         dist.broadcast(buffer, 0)
