@@ -293,11 +293,11 @@ def test_two_processes_match_one(tmp_path, tiny_model, ref_cache, mode):
     if mode == "fsdp-bf16":
         gap = [m for m in two if "ref_check/max_abs_diff_per_token" in m][0]["ref_check/max_abs_diff_per_token"]
         assert gap < 5e-2  # the bf16 tolerance of the step-0 check
-        assert step_two["grad_norm"] == pytest.approx(step_one["grad_norm"], rel=5e-2)
+        assert step_two["grad_norm"] == pytest.approx(step_one["grad_norm"], rel=1e-2)
         w0 = load_file(Path(tiny_model) / "model.safetensors")
         moved = sum((wb[n] - w0[n]).abs().sum() for n in wb)  # one Adam step of about lr per weight
         assert all(w.dtype == torch.float32 for w in wa.values())  # float32 master weights
-        assert sum((wa[n] - wb[n]).abs().sum() for n in wb) < 0.05 * moved
+        assert sum((wa[n] - wb[n]).abs().sum() for n in wb) < 0.02 * moved
         return
     assert step_two["grad_norm"] == pytest.approx(step_one["grad_norm"], rel=1e-4)
     for name in wa:

@@ -21,6 +21,7 @@ import random
 import shutil
 import sys
 import time
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -47,6 +48,8 @@ DEFAULT_TRAIN = HERE / "data" / "clair_train.jsonl"
 DEFAULT_EVAL = HERE / "data" / "clair_eval.jsonl"
 CACHE_DIR = Path(os.environ.get("CLAIR_APO_CACHE", Path.home() / ".cache" / "clair_apo"))
 REF_CACHE = CACHE_DIR / "ref_logps"  # one file per model fingerprint
+# torch.distributed.checkpoint saving and loading in one process is intended here (checkpoints' optimizer/).
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 
 def parse_args(argv=None):
@@ -475,8 +478,7 @@ def save_checkpoint(model, tokenizer, optimizer, scheduler, state, folder):
     if rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
     barrier()
-    dcp.save(get_optimizer_state_dict(model, optimizer), checkpoint_id=tmp / "optimizer",
-             no_dist=not dist.is_initialized())
+    dcp.save(get_optimizer_state_dict(model, optimizer), checkpoint_id=tmp / "optimizer")
     weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank() == 0:
         unwrap(model).save_pretrained(tmp, state_dict=weights)
@@ -519,7 +521,7 @@ def load_checkpoint(model, optimizer, scheduler, folder):
                                                                   broadcast_from_rank0=dist.is_initialized()))
     del weights
     optim = get_optimizer_state_dict(model, optimizer)  # this process's part, allocated, to be filled in place
-    dcp.load(optim, checkpoint_id=Path(folder) / "optimizer", no_dist=not dist.is_initialized())
+    dcp.load(optim, checkpoint_id=Path(folder) / "optimizer")
     set_optimizer_state_dict(model, optimizer, optim)
     scheduler.load_state_dict(state["scheduler"])
     rng = state["rng"]
