@@ -519,7 +519,7 @@ def load_checkpoint(model, optimizer, scheduler, folder):
         weights = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).state_dict()
     set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True,
                                                                   broadcast_from_rank0=dist.is_initialized()))
-    del weights
+    del weights  # rank 0's full copy, freed before the optimizer state is allocated
     optim = get_optimizer_state_dict(model, optimizer)  # this process's part, allocated, to be filled in place
     dcp.load(optim, checkpoint_id=Path(folder) / "optimizer")
     set_optimizer_state_dict(model, optimizer, optim)
