@@ -50,7 +50,8 @@ def setup(args, device):
     pairs, _ = train.tokenize_pairs(tokenizer, rows, 384, 192)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-7)
     batches = train.train_batches(len(pairs), args.batch_size, 0, 0)
-    row_tokens, _ = train.choose_row_tokens(model, pairs, batches[0], "auto", 2 * 384, device)
+    row_tokens, _ = train.choose_row_tokens(model, pairs, batches[0], "auto", 2 * 384, device,
+                                           "bf16" if device.type == "cuda" else "fp32")
     return tokenizer, model, pairs, optimizer, batches, row_tokens
 
 

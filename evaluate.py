@@ -115,7 +115,8 @@ def pair_report(policy, ref, pairs, loss_fn, beta):
 def batching(name, model, pairs, args, device):
     """train.py's batching decision for `model`, measured on the first batch of pairs: its row_tokens."""
     first = list(range(min(args.batch_size, len(pairs))))
-    row_tokens, how = train.choose_row_tokens(model, pairs, first, args.packing, 2 * args.max_length, device)
+    row_tokens, how = train.choose_row_tokens(model, pairs, first, args.packing, 2 * args.max_length, device,
+                                             args.dtype)
     print(f"{name}: batching: {how}")
     return row_tokens
 

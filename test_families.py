@@ -76,7 +76,7 @@ def test_log_probs_equal_one_sequence_forwards(family):
     train.disable_dropout(model)
     model.eval()
     pairs, _ = train.tokenize_pairs(tokenizer, chat_pairs(6, seed=0), 512, 256)
-    row_tokens, how = train.choose_row_tokens(model, pairs, [0, 1], "auto", 160, torch.device("cpu"))
+    row_tokens, how = train.choose_row_tokens(model, pairs, [0, 1], "auto", 160, torch.device("cpu"), "fp32")
     assert (row_tokens is None) == (expected == "padded"), how
     truth = torch.tensor([[alone(model, p, side) for p in pairs] for side in ("chosen", "rejected")])
     tokens = torch.tensor([[len(p[side]) for p in pairs] for side in ("chosen", "rejected")])

@@ -335,28 +335,74 @@ def test_non_finite_loss_stops_with_the_step(tmp_path, tiny_model, ref_cache):
 
 # ----------------------------------------------------------------------------- several processes
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_two_processes_match_one(tmp_path, tiny_model, mode):
-    """torchrun x2 (gloo) takes the same optimizer step as one process over the same four pairs."""
-    data = write_jsonl(tmp_path / "train.jsonl", arithmetic_pairs(4))
+def torchrun(tmp_path, tiny_model, out, *extra, rows=None, per_rank_cache=False):
+    """train.py under torchrun x2 (gloo) on pair files in tmp_path; returns the metrics lines. The reference
+    cache is tmp_path/cache, or with per_rank_cache tmp_path/cache<RANK>: a cache per node, as with a
+    node-local $HOME."""
+    data = write_jsonl(tmp_path / "train.jsonl", rows or arithmetic_pairs(4))
     eval_data = write_jsonl(tmp_path / "eval.jsonl", arithmetic_pairs(4, seed=1))
-    common = ["--model", tiny_model, "--data", data, "--eval-data", eval_data, "--lr", "1e-3",
-              "--warmup-ratio", "0", "--batch-size", "1", "--max-steps", "1"]
     env = {**os.environ, "CLAIR_APO_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
     with socket.socket() as s:  # a free port for the rendezvous
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
-    subprocess.run([*torchrun, str(HERE / "train.py"), *common, "--grad-accum", "2", "--out", str(tmp_path / "two"),
-                    *(["--fsdp"] if mode == "fsdp" else [])], check=True, env=env, cwd=tmp_path, timeout=300)
-    subprocess.run([sys.executable, str(HERE / "train.py"), *common, "--grad-accum", "4", "--out", str(tmp_path / "one")],
-                   check=True, env=env, cwd=tmp_path, timeout=300)
-    metrics = [[m for m in map(json.loads, (tmp_path / d / "metrics.jsonl").read_text().splitlines()) if "loss" in m][0]
-               for d in ("two", "one")]
-    assert metrics[0]["grad_norm"] == pytest.approx(metrics[1]["grad_norm"], rel=1e-4)
+    script = [str(HERE / "train.py")]
+    if per_rank_cache:
+        script = ["--no-python", "bash", "-c", f'CLAIR_APO_CACHE={tmp_path}/cache$RANK exec "$@"', "-",
+                  sys.executable, *script]
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+                    *script, "--model", tiny_model, "--data", data, "--eval-data", eval_data, "--out", str(out),
+                    "--lr", "1e-3", "--warmup-ratio", "0", *extra], check=True, env=env, cwd=tmp_path, timeout=300)
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp", "fsdp-bf16"])
+def test_two_processes_match_one(tmp_path, tiny_model, ref_cache, mode):
+    """torchrun x2 (gloo) takes the same optimizer step as one process over the same four pairs; FSDP with
+    bf16 mixed precision (bf16 compute, float32 reduction and master weights) within bf16's tolerance."""
+    common = ["--batch-size", "1", "--max-steps", "1"]
+    flags = {"ddp": [], "fsdp": ["--fsdp"], "fsdp-bf16": ["--fsdp", "--dtype", "bf16"]}[mode]
+    two = torchrun(tmp_path, tiny_model, tmp_path / "two", *common, "--grad-accum", "2", *flags)
+    _, one = run_train(tmp_path, tiny_model, "one", *common, "--grad-accum", "4", rows=arithmetic_pairs(4))
+    step_two, step_one = [[m for m in ms if "loss" in m][0] for ms in (two, one)]
     wa, wb = final_weights(tmp_path / "two"), final_weights(tmp_path / "one")
+    if mode == "fsdp-bf16":
+        gap = [m for m in two if "ref_check/max_abs_diff_per_sqrt_token" in m][0]["ref_check/max_abs_diff_per_sqrt_token"]
+        assert gap < train.REF_CHECK_TOL["bf16"]
+        assert step_two["grad_norm"] == pytest.approx(step_one["grad_norm"], rel=1e-2)
+        w0 = load_file(Path(tiny_model) / "model.safetensors")
+        moved = sum((wb[n] - w0[n]).abs().sum() for n in wb)  # one Adam step of about lr per weight
+        assert all(w.dtype == torch.float32 for w in wa.values())  # float32 master weights
+        assert sum((wa[n] - wb[n]).abs().sum() for n in wb) < 0.02 * moved
+        return
+    assert step_two["grad_norm"] == pytest.approx(step_one["grad_norm"], rel=1e-4)
     for name in wa:
         torch.testing.assert_close(wa[name], wb[name], atol=1e-5, rtol=0)
+
+
+def test_ranks_with_disagreeing_caches_agree(tmp_path, tiny_model, monkeypatch):
+    """Rank 0's reference cache warm, rank 1's empty (a node-local $HOME on a second node): the run finishes,
+    and its step-0 held-out metrics equal a single process's."""
+    monkeypatch.setattr(train, "REF_CACHE", tmp_path / "cache0" / "ref_logps")
+    _, one = run_train(tmp_path, tiny_model, "one", "--batch-size", "1", "--max-steps", "1", rows=arithmetic_pairs(4))
+    two = torchrun(tmp_path, tiny_model, tmp_path / "two", "--fsdp", "--batch-size", "1", "--max-steps", "1",
+                   per_rank_cache=True)
+    step0 = [[m for m in ms if m["step"] == 0 and "eval/loss" in m][0] for ms in (two, one)]
+    assert step0[0] == pytest.approx(step0[1], rel=1e-6, abs=1e-6)
+    assert not (tmp_path / "cache1").exists()  # rank 1 neither read nor wrote a cache
+
+
+def test_killed_fsdp_run_resumes_to_the_uninterrupted_metrics(tmp_path, tiny_model):
+    args = ["--fsdp", "--max-steps", "4", "--save-every", "2", "--batch-size", "1", "--grad-accum", "1"]
+    metrics_full = torchrun(tmp_path, tiny_model, tmp_path / "full", *args, rows=arithmetic_pairs(8))
+    killed = tmp_path / "killed"  # what a run killed after step 2 leaves behind
+    shutil.copytree(tmp_path / "full", killed)
+    shutil.rmtree(killed / "final")
+    metrics_resumed = torchrun(tmp_path, tiny_model, killed, *args, "--resume", rows=arithmetic_pairs(8))
+    timeless = lambda ms: [{k: v for k, v in m.items() if k != "tokens/s"} for m in ms]
+    assert timeless(metrics_resumed) == timeless(metrics_full)
+    wa, wb = final_weights(tmp_path / "full"), final_weights(killed)
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], atol=0, rtol=0)
 
 
 # ----------------------------------------------------------------------------- the real model

@@ -11,6 +11,7 @@ evaluate.py and clair.py import the pieces they share from here.
 
 import argparse
 import contextlib
+import fcntl
 import hashlib
 import importlib.util
 import json
@@ -20,12 +21,14 @@ import random
 import shutil
 import sys
 import time
+import warnings
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from jinja2 import TemplateError
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -49,6 +52,8 @@ REF_CACHE = CACHE_DIR / "ref_logps"  # one file per model fingerprint
 # Llama-3.2's and 3.3's chat templates print today's date unless given `date_string`: other token ids every
 # day, reference cache misses, evaluate.py disagreeing with train.py. They get Llama-3.1's fixed date instead.
 TEMPLATE_DATE = "26 Jul 2024"
+# torch.distributed.checkpoint saving and loading in one process is intended here (checkpoints' optimizer/).
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 
 def parse_args(argv=None):
@@ -132,9 +137,13 @@ def resolve_model(name):
     return str(cached)
 
 
-def load_model(name, device="cpu", attn_implementation=None):
-    """Tokenizer and float32 causal LM for `name` (a path, a hub id, or the embedded default)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_model(name, device="cpu", attn_implementation=None, weights=True):
+    """Tokenizer and float32 causal LM for `name` (a path, a hub id, or the embedded default).
+
+    weights=False reads no weights: the model is built on the meta device, without storage, for the
+    processes that receive their weights from rank 0 (wrap_model).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging
 
     logging.disable_progress_bar()
@@ -142,6 +151,11 @@ def load_model(name, device="cpu", attn_implementation=None):
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.chat_template is None:
         sys.exit(f"{name}: the tokenizer has no chat template; use a chat (instruct) model")
+    if not weights:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=torch.float32,
+                                                     attn_implementation=attn_implementation)
+        return tokenizer, model
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attn_implementation)
     model = model.to(device)
     return tokenizer, model
@@ -281,16 +295,22 @@ def collate(pairs, indices, device, row_tokens=None):
                     "tokens": sum(lengths)}
 
 
-def choose_row_tokens(model, pairs, indices, packing, row_tokens, device):
+# How far packed log-probs may sit from one sequence per row, per token, in each compute dtype: bf16 rounding
+# alone reached 0.01 on SmolLM2, where float32 stays under 1e-6. A sequence whose log-prob moves at all when
+# the one before it in the row changes (beyond 1e-6 per token, in either dtype) means the sequences mix.
+PACKING_TOL = {"fp32": 1e-5, "bf16": 5e-2}
+
+
+def choose_row_tokens(model, pairs, indices, packing, row_tokens, device, dtype):
     """The batching for `model` under --packing auto|on|off: (row_tokens for collate, what to print).
 
     Packing is exact only when nothing carries from one sequence to the next in a row: attention masked per
     sequence by transformers, and no convolution or recurrent state across the row (gated-delta-net and
     Mamba-1/2 layers carry it; OPT ignores packed position ids in its mask). Rather than keep a list of
-    families, it is measured on the micro-batch `indices`, float32, no grad: all its sequences packed in one
-    row against one sequence per row, and that row against the same row with its first sequence's tokens
-    reversed, which the sequences after it must not notice. Every process measures the same batch and
-    takes the same decision. With flash attention a micro-batch is one row (varlen kernels, linear in its
+    families, it is measured on the micro-batch `indices`, no grad, in the training's compute dtype (FSDP's
+    bf16 mixed precision allows no other): all its sequences packed in one row against one sequence per row,
+    and that row against the same row with its first sequence's tokens reversed, which the sequences after
+    it must not notice. Every process measures the same batch and takes the same decision. With flash attention a micro-batch is one row (varlen kernels, linear in its
     length); otherwise rows of about `row_tokens` tokens bound SDPA's work, quadratic in a row's length.
     """
     kind = unwrap(model).config.model_type
@@ -304,7 +324,7 @@ def choose_row_tokens(model, pairs, indices, packing, row_tokens, device):
     changed["labels"] = changed["input_ids"][packed["targets"][0], packed["targets"][1] + 1]
     was_training = model.training
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), autocast(device, dtype):
         alone_logps, packed_logps, changed_logps = (sequence_logps(model, b) for b in (alone, packed, changed))
     model.train(was_training)
     tokens = torch.bincount(alone["sequence"])
@@ -316,7 +336,7 @@ def choose_row_tokens(model, pairs, indices, packing, row_tokens, device):
         dist.all_reduce(gaps, op=dist.ReduceOp.MAX)
     measured = (f"{gaps[0]:.1g} nats per token from one sequence per row, {gaps[1]:.1g} when the sequence "
                 "before changes")
-    if gaps[0] > 1e-5 or gaps[1] > 1e-6:
+    if not (gaps[0] <= PACKING_TOL[dtype] and gaps[1] <= 1e-6):
         if packing == "on":
             sys.exit(f"error: --packing on: packed sequences mix on {kind} ({measured}); use --packing auto or off")
         return None, f"one padded sequence per row: packed sequences mix on {kind} ({measured})"
@@ -399,19 +419,64 @@ def setup_distributed():
     return torch.device("cpu")
 
 
-def wrap_model(model, fsdp):
-    """Data parallel: DDP, or FSDP2 (fully_shard each transformer block, then the root)."""
-    if not dist.is_initialized():
-        return model
-    if fsdp:
-        from torch.distributed.fsdp import fully_shard
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
 
+
+def broadcast_object(value):
+    """Rank 0's `value` (picklable) on every process."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+@contextlib.contextmanager
+def rank0_first():
+    """Rank 0 runs the block first (filling a cache, say), then the other processes."""
+    if rank() != 0:
+        barrier()
+    yield
+    if rank() == 0:
+        barrier()
+
+
+def wrap_model(model, fsdp, dtype, device):
+    """Data parallel from rank 0's weights: DDP, or FSDP2 (fully_shard each transformer block, then the root).
+
+    The other processes bring a meta-device model (load_model with weights=False) and get storage here.
+    DDP broadcasts rank 0's parameters and buffers itself. FSDP keeps one shard of each parameter per
+    process: rank 0 broadcasts one full tensor at a time and each process keeps its shard, so no process but
+    rank 0 ever holds the whole model. With --dtype bf16 FSDP gathers bf16 parameters for compute and
+    reduces gradients in float32 into float32 parameters (MixedPrecisionPolicy).
+    """
+    if not dist.is_initialized():
+        return model.to(device)
+    if fsdp:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        full = model.state_dict() if rank() == 0 else {}  # before sharding: rank 0's one full copy
+        bf16 = dtype == "bf16"
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
+                                      reduce_dtype=torch.float32 if bf16 else None)
         blocks = set(model._no_split_modules or [])
         for module in model.modules():
             if type(module).__name__ in blocks:
-                fully_shard(module)
-        return fully_shard(model)
-    return torch.nn.parallel.DistributedDataParallel(model)
+                fully_shard(module, mp_policy=policy)
+        # The root too frees its gathered parameters after each forward: no-grad passes (reference, evaluation)
+        # would otherwise leave them in place of the sharded ones the optimizer and state dicts refer to.
+        fully_shard(model, mp_policy=policy, reshard_after_forward=True)
+    if rank() != 0:
+        model.to_empty(device=device)
+        model.tie_weights()  # to_empty gives each parameter new storage, untying tied embeddings
+    if not fsdp:
+        return torch.nn.parallel.DistributedDataParallel(model.to(device), gradient_as_bucket_view=True)
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for buffer in model.buffers():  # non-persistent ones, such as rotary frequencies, are in no state dict
+        dist.broadcast(buffer, 0)
+    return model
 
 
 def unwrap(model):
@@ -467,32 +532,52 @@ def pairs_logps(model, pairs, batch_size, device, dtype, row_tokens=None):
     return result
 
 
+def read_cache(path):
+    """{pair key: [log pi_ref(chosen), log pi_ref(rejected)]} from a cache file, empty if there is none."""
+    if not path.exists():
+        return {}
+    saved = torch.load(path)
+    return dict(zip(saved["keys"], saved["logps"].tolist()))
+
+
+def add_to_cache(path, entries):
+    """Merge `entries` into the cache file. Under a file lock, what other runs wrote since is re-read and
+    kept, and the file is replaced atomically: runs sharing the cache lose no entries, and readers never
+    see a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        cache = read_cache(path) | entries
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        torch.save({"keys": list(cache), "logps": torch.tensor(list(cache.values()), dtype=torch.float64)}, tmp)
+        tmp.replace(path)
+
+
 def reference_logps(model, pairs, fingerprint, batch_size, device, dtype, row_tokens=None, desc="reference"):
     """[len(pairs), 2] log pi_ref(chosen), log pi_ref(rejected): from the on-disk cache, else computed.
 
     The cache holds one file per model fingerprint, keyed by each pair's token ids, so any run or
-    evaluation over the same tokens reuses it; only the pairs it lacks are computed.
+    evaluation over the same tokens reuses it; only the pairs it lacks are computed. Rank 0 alone reads
+    and writes it and broadcasts what it found, so every process computes the same missing pairs, whatever
+    its own disk holds.
     """
     path = REF_CACHE / f"{fingerprint}.pt"
-    cache = {}
-    if path.exists():
-        saved = torch.load(path)
-        cache = dict(zip(saved["keys"], saved["logps"]))
     keys = [pair_key(p) for p in pairs]
+    cache = read_cache(path) if rank() == 0 else {}
+    cache = broadcast_object({k: cache[k] for k in keys if k in cache})
     missing = sorted({k: i for i, k in enumerate(keys) if k not in cache}.values())
     if missing:
         todo = [pairs[i] for i in missing]
         start = time.time()
-        cache.update(zip([keys[i] for i in missing], pairs_logps(model, todo, batch_size, device, dtype, row_tokens)))
+        computed = dict(zip([keys[i] for i in missing], pairs_logps(model, todo, batch_size, device, dtype, row_tokens).tolist()))
+        cache.update(computed)
         tokens = sum(2 * len(p["prompt"]) + len(p["chosen"]) + len(p["rejected"]) for p in todo)
         log0(f"{desc}: {len(missing)} pairs' log-probs computed, {tokens / (time.time() - start):.0f} tokens/s; "
              f"{len(pairs) - len(missing)} cached")
         if rank() == 0:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            torch.save({"keys": list(cache), "logps": torch.stack(list(cache.values()))}, tmp)
-            tmp.replace(path)
-    return torch.stack([cache[k] for k in keys]).float()
+            add_to_cache(path, computed)
+        barrier()
+    return torch.tensor([cache[k] for k in keys], dtype=torch.float64).float()
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -518,25 +603,28 @@ def pair_metrics(policy, ref, loss_fn, beta):
 # ----------------------------------------------------------------------------- checkpoints
 
 def save_checkpoint(model, tokenizer, optimizer, scheduler, state, folder):
-    """save_pretrained weights + tokenizer + trainer state, written to a temporary folder then renamed."""
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    weights = get_model_state_dict(model, options=options)
-    optim = get_optimizer_state_dict(model, optimizer, options=options)
+    """save_pretrained weights + tokenizer + trainer state + optimizer/, written to a temporary folder then renamed.
+
+    The optimizer state stays sharded: each process writes its own part to optimizer/ with
+    torch.distributed.checkpoint. The weights are gathered on rank 0 alone, one tensor at a time.
+    """
+    folder = Path(folder)
+    tmp = folder.with_name(f".tmp-{folder.name}")
     if rank() == 0:
-        folder = Path(folder)
-        tmp = folder.with_name(f".tmp-{folder.name}")
         shutil.rmtree(tmp, ignore_errors=True)
+    barrier()
+    dcp.save(get_optimizer_state_dict(model, optimizer), checkpoint_id=tmp / "optimizer")
+    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank() == 0:
         unwrap(model).save_pretrained(tmp, state_dict=weights)
         tokenizer.save_pretrained(tmp)
         rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-        torch.save({"optimizer": optim, "scheduler": scheduler.state_dict(), "rng": rng, **state},
-                   tmp / "trainer_state.pt")
+        torch.save({"scheduler": scheduler.state_dict(), "rng": rng, **state}, tmp / "trainer_state.pt")
         if folder.exists():
             shutil.rmtree(folder)
         tmp.rename(folder)
-    if dist.is_initialized():
-        dist.barrier()
+    barrier()
 
 
 def latest_checkpoint(out):
@@ -554,17 +642,22 @@ def trim_metrics(path, step):
 
 
 def load_checkpoint(model, optimizer, scheduler, folder):
-    """Restore weights, optimizer, scheduler and RNG from `folder`; return its saved trainer state."""
+    """Restore weights, optimizer, scheduler and RNG from `folder`; return its saved trainer state.
+
+    Rank 0 reads the weights and broadcasts them as in wrap_model; each process reads only its own part
+    of the optimizer state."""
     from transformers import AutoModelForCausalLM
 
-    distributed = dist.is_initialized()
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=distributed)
     state = torch.load(Path(folder) / "trainer_state.pt", weights_only=False)
     weights = {}
     if rank() == 0:
         weights = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).state_dict()
-    set_model_state_dict(model, weights, options=options)
-    set_optimizer_state_dict(model, optimizer, state["optimizer"] if rank() == 0 else {}, options=options)
+    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True,
+                                                                  broadcast_from_rank0=dist.is_initialized()))
+    del weights  # rank 0's full copy, freed before the optimizer state is allocated
+    optim = get_optimizer_state_dict(model, optimizer)  # this process's part, allocated, to be filled in place
+    dcp.load(optim, checkpoint_id=Path(folder) / "optimizer")
+    set_optimizer_state_dict(model, optimizer, optim)
     scheduler.load_state_dict(state["scheduler"])
     rng = state["rng"]
     random.setstate(rng["python"])
@@ -672,7 +765,9 @@ def main(argv=None):
     # Data: rows -> token ids, with every drop counted.
     try:
         train_rows, eval_rows, drops = load_splits(args)
-        tokenizer, model = load_model(args.model, attn_implementation=args.attn_implementation)
+        with rank0_first():  # only rank 0 reads the weights; the others build the model empty
+            tokenizer, model = load_model(args.model, attn_implementation=args.attn_implementation,
+                                          weights=rank() == 0)
         train_pairs, train_drops = tokenize_pairs(tokenizer, train_rows, args.max_length, args.max_prompt_length)
         eval_pairs, eval_drops = tokenize_pairs(tokenizer, eval_rows, args.max_length, args.max_prompt_length)
     except DataError as e:
@@ -702,14 +797,13 @@ def main(argv=None):
 
     # Reference log-probs: the initial model, once, before training; then no reference in memory.
     disable_dropout(model)
-    fingerprint = weights_fingerprint(model, args.dtype)
-    model.to(device)
+    fingerprint = broadcast_object(weights_fingerprint(model, args.dtype) if rank() == 0 else None)
     if args.gradient_checkpointing:  # transformers 5 renamed it; the old name works until v6
         if hasattr(model, "activation_checkpointing_enable"):
             model.activation_checkpointing_enable({"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = wrap_model(model, args.fsdp)
+    model = wrap_model(model, args.fsdp, args.dtype, device)
     # The optimizer before any forward: FSDP2 swaps root parameters on its first forward.
     params = [p for p in model.parameters() if p.requires_grad]
     if args.optimizer == "adamw":
@@ -719,7 +813,7 @@ def main(argv=None):
     scheduler = make_scheduler(optimizer, args.lr_scheduler, int(args.warmup_ratio * total_steps), total_steps)
     # Batching: packed rows where measured exact on this model (the first micro-batch), else padded rows.
     row_tokens, batching = choose_row_tokens(model, train_pairs, epochs[0][0][0][0], args.packing,
-                                             args.row_tokens or 2 * args.max_length, device)
+                                             args.row_tokens or 2 * args.max_length, device, args.dtype)
     log0(f"batching: {batching}")
     ref_train = torch.zeros(len(train_pairs), 2)
     ref_train[used] = reference_logps(model, [train_pairs[i] for i in used], fingerprint, args.batch_size * 2,
