@@ -10,7 +10,7 @@ import pytest
 HERE = Path(__file__).resolve().parent
 
 
-@pytest.mark.parametrize("flags, rows", [([], ["1.", "2.", "3.", "4.", "5."]), (["--gpu"], ["6."])])
+@pytest.mark.parametrize("flags, rows", [([], ["1.", "2.", "3.", "4.", "5.", "7."]), (["--gpu"], ["6."])])
 def test_bench_prints_its_table(tmp_path, flags, rows):
     env = {**os.environ, "CLAIR_APO_CACHE": str(tmp_path / "cache")}
     result = subprocess.run([sys.executable, str(HERE / "bench.py"), "--tiny", *flags], capture_output=True,
