@@ -187,7 +187,7 @@ def generations(args, rows, device):
         torch.manual_seed(0)
         answers[path] = texts = [a for start in range(0, len(rows), args.batch_size) for a in generate(
             model, tokenizer, [r["prompt"] for r in rows[start:start + args.batch_size]], args.max_new_tokens,
-            args.temperature)]
+            args.temperature)[0]]
         del model
         scores = {"mean_answer_chars": sum(map(len, texts)) / len(texts)}
         if keyed:
