@@ -27,7 +27,8 @@ from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 
-from preference_data import DataError, cut_torn_line, read_jsonl, split_completion
+from preference_data import (DataError, best_vs_worst, cut_torn_line, read_jsonl, read_records, row_id,
+                             split_completion)
 
 # ----------------------------------------------------------------------------- the revision prompt (PAPER.md §1)
 
@@ -354,11 +355,11 @@ def read_rows(path, required):
                 got = "missing" if value is None else f"a {type(value).__name__}"
                 raise DataError(f"{path}:{number}: field '{field}': expected a string"
                                 f"{' or chat messages' if field == 'prompt' else ''}, got {got}")
-        row_id = str(row["id"])
-        if row_id in seen:
-            raise DataError(f"{path}:{number}: field 'id': duplicate id {row_id!r} (first on line {seen[row_id]})")
-        seen[row_id] = number
-        rows.append((row_id, row))
+        this_id = str(row["id"])
+        if this_id in seen:
+            raise DataError(f"{path}:{number}: field 'id': duplicate id {this_id!r} (first on line {seen[this_id]})")
+        seen[this_id] = number
+        rows.append((this_id, row))
     return rows
 
 
@@ -543,29 +544,16 @@ def cmd_judge(args):
 def cmd_offpolicy(args):
     """Off-policy judge: the best- against the worst-scored existing completion; ties dropped.
 
-    UltraFeedback layout: `prompt` (or `instruction`) and `completions`, a list of objects with a
-    `response` (or `text`) and an `overall_score` (or `score`).
+    UltraFeedback layout (JSONL, .parquet or a Hub dataset id): `prompt` (or `instruction`) and `completions`,
+    a list of objects with a `response` (or `text`) and an `overall_score` (or `score`).
     """
     rows, counts = [], Counter()
-    for number, row in read_jsonl(args.inp):
-        where = f"{args.inp}:{number}"
-        prompt = row.get("prompt", row.get("instruction"))
-        completions = row.get("completions")
-        if not isinstance(prompt, (str, list)) or not isinstance(completions, list):
-            raise DataError(f"{where}: fields 'prompt' (or 'instruction') and 'completions' are required")
-        scored = []
-        for i, c in enumerate(completions):
-            text = c.get("response", c.get("text")) if isinstance(c, dict) else None
-            score = c.get("overall_score", c.get("score")) if isinstance(c, dict) else None
-            if not isinstance(text, str) or not isinstance(score, (int, float)):
-                raise DataError(f"{where}: field 'completions[{i}]': needs a 'response' and a numeric 'overall_score'")
-            scored.append((score, text))
-        scored.sort(key=lambda s: s[0])
-        if len(scored) < 2 or scored[0][0] == scored[-1][0]:
+    for where, row in read_records(args.inp):
+        pair = best_vs_worst(row, where)
+        if pair is None:
             counts["tie"] += 1
             continue
-        rows.append({"id": str(row.get("id", number)), "prompt": prompt, "chosen": scored[-1][1],
-                     "rejected": scored[0][1], "score_chosen": scored[-1][0], "score_rejected": scored[0][0]})
+        rows.append({"id": row_id(row, where), **pair})
     with open(args.out, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     print(f"offpolicy: {len(rows)} pairs written to {args.out}, {counts['tie']} ties dropped")

@@ -49,7 +49,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model", required=True, nargs="+", help="trained checkpoints (train.py folders), one or more")
     p.add_argument("--ref", help="the reference / initial model (default: the one the checkpoints were trained from)")
-    p.add_argument("--data", help="held-out preference pairs, JSONL")
+    p.add_argument("--data", help="held-out preference pairs: JSONL, .parquet or a Hub dataset id")
     p.add_argument("--prompts", help="prompts to answer, JSONL: id, prompt, optional answer")
     p.add_argument("--loss", choices=sorted(LOSSES), help="for the reported loss (default: the training loss)")
     p.add_argument("--beta", type=float, help="default: the training beta")
