@@ -146,17 +146,22 @@ def evaluate_pairs(args, device):
 
 # ----------------------------------------------------------------------------- generation
 
-NUMBER_WORDS = {w: str(i) for i, w in enumerate(
-    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
-    "seventeen eighteen nineteen twenty".split())}
+UNITS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+         "seventeen eighteen nineteen").split()
+TENS = "twenty thirty forty fifty sixty seventy eighty ninety".split()
+NUMBER_WORDS = {**{w: i for i, w in enumerate(UNITS)}, **{w: 20 + 10 * i for i, w in enumerate(TENS)},
+                "once": 1, "twice": 2, "thrice": 3}
 
 
 def normalise(text):
-    """Lower case, accents and punctuation off, thousands separators gone, number words as digits."""
+    """Lower case, accents and punctuation off, thousands separators gone, number words as digits ("twice",
+    "thirty-one" and "31" all read as numbers), so that words and digits match either way."""
     text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode().lower()
     text = re.sub(r"(?<=\d),(?=\d{3})", "", text)
+    text = re.sub(rf"\b({'|'.join(TENS)})[ -]({'|'.join(UNITS[1:10])})\b",
+                  lambda m: str(NUMBER_WORDS[m[1]] + NUMBER_WORDS[m[2]]), text)
     text = re.sub(r"(?<!\d)\.|\.(?!\d)|[^\w.-]+|-(?!\d)", " ", text)
-    return " ".join(NUMBER_WORDS.get(word, word) for word in text.split())
+    return " ".join(str(NUMBER_WORDS.get(word, word)) for word in text.split())
 
 
 def matches(response, answer):
