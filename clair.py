@@ -14,6 +14,7 @@ in flight. The exit status is non-zero when any row failed.
 """
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -26,7 +27,8 @@ from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 
-from preference_data import DataError, cut_torn_line, read_jsonl, split_completion
+from preference_data import (DataError, best_vs_worst, cut_torn_line, read_jsonl, read_records, row_id,
+                             split_completion)
 
 # ----------------------------------------------------------------------------- the revision prompt (PAPER.md §1)
 
@@ -157,6 +159,10 @@ class ChatClient:
 
     def complete(self, messages, temperature, max_tokens, top_p=None, seed=None):
         """The reply text of one chat completion; top_p and seed are sent when given."""
+        return self.choice(messages, temperature, max_tokens, top_p, seed)["message"]["content"]
+
+    def choice(self, messages, temperature, max_tokens, top_p=None, seed=None):
+        """The first choice of one chat completion as the server sent it: its `message` and `finish_reason`."""
         body = {"model": self.model, "messages": messages, "temperature": temperature, "max_tokens": max_tokens}
         body.update({k: v for k, v in (("top_p", top_p), ("seed", seed)) if v is not None})
         return self._post(body, self.max_retries)
@@ -183,9 +189,12 @@ class ChatClient:
             else:
                 if r.status_code == 200:
                     try:
-                        return r.json()["choices"][0]["message"]["content"]
+                        choice = r.json()["choices"][0]
+                        if isinstance(choice["message"]["content"], str):
+                            return choice
                     except (ValueError, KeyError, IndexError, TypeError):
-                        why = "a 200 reply without valid JSON choices"
+                        pass
+                    why = "a 200 reply without valid JSON choices"
                 elif r.status_code == 429 or r.status_code >= 500:
                     why = f"HTTP {r.status_code}"
                     retry_after = r.headers.get("Retry-After", "")
@@ -346,11 +355,11 @@ def read_rows(path, required):
                 got = "missing" if value is None else f"a {type(value).__name__}"
                 raise DataError(f"{path}:{number}: field '{field}': expected a string"
                                 f"{' or chat messages' if field == 'prompt' else ''}, got {got}")
-        row_id = str(row["id"])
-        if row_id in seen:
-            raise DataError(f"{path}:{number}: field 'id': duplicate id {row_id!r} (first on line {seen[row_id]})")
-        seen[row_id] = number
-        rows.append((row_id, row))
+        this_id = str(row["id"])
+        if this_id in seen:
+            raise DataError(f"{path}:{number}: field 'id': duplicate id {this_id!r} (first on line {seen[this_id]})")
+        seen[this_id] = number
+        rows.append((this_id, row))
     return rows
 
 
@@ -361,20 +370,31 @@ def cmd_sample(args):
     prompts = read_rows(args.inp, ["id", "prompt"])
     jobs = [(f"{pid}-{k}" if args.n > 1 else pid, (row, k)) for pid, row in prompts for k in range(args.n)]
 
-    def record(row, k, completion, model):
-        out = {"prompt": row["prompt"], "completion": completion, "model": model}
+    def record(row, k, completion, settings):
+        """A sample row: the answer, then its sampling settings and finish reason."""
+        out = {"prompt": row["prompt"], "completion": completion, **settings}
         return {**out, "prompt_id": str(row["id"]), "sample_index": k} if args.n > 1 else out
 
     if args.base_url:
         client = client_for(args)
-        work = lambda job: (record(*job, client.complete(as_messages(job[0]["prompt"]), **decoding(args, job[1])),
-                                   args.model), None)
+
+        def work(job):
+            sent = decoding(args, job[1])
+            choice = client.choice(as_messages(job[0]["prompt"]), **sent)
+            settings = {"model": args.model, **sent, "finish_reason": choice.get("finish_reason")}
+            return record(*job, choice["message"]["content"], settings), None
+
         return run_jobs(jobs, work, args.out, args.workers, "sample")
     return sample_locally(args, jobs, record)
 
 
-def generate(model, tokenizer, prompts, max_tokens, temperature=0.0, top_p=1.0):
-    """Answers of a local model to a batch of prompts (strings or chat messages); temperature 0 decodes greedily.
+def generate(model, tokenizer, prompts, max_tokens, temperature=0.0, top_p=1.0, seeds=None):
+    """(answers, finish reasons) of a local model to a batch of prompts (strings or chat messages).
+
+    A finish reason is "stop" where the model ended its turn (an end-of-sequence token) and "length" where it
+    hit `max_tokens`. Temperature 0 decodes greedily; otherwise each prompt samples with its own generator,
+    seeded by `seeds` (one per prompt; drawn from torch's global generator when None), so that an answer does
+    not depend on the other prompts of its batch.
 
     The prompts' token ids are train.py's (chat template, its BOS only, the same date), left-padded under an
     attention mask. A tokenizer without a pad token (Llama-3) pads with its end-of-sequence id."""
@@ -387,15 +407,49 @@ def generate(model, tokenizer, prompts, max_tokens, temperature=0.0, top_p=1.0):
     width = max(map(len, ids))
     input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=model.device)
     attention_mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=model.device)
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+    sampling = {}
+    if temperature > 0:
+        seeds = torch.randint(2 ** 62, (len(prompts),)).tolist() if seeds is None else seeds
+        sampling = {"logits_processor": seeded_sampling(seeds, temperature, top_p)}
     with torch.no_grad():
         output = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_tokens,
-                                pad_token_id=pad, **sampling)
-    return [a.strip() for a in tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)]
+                                pad_token_id=pad, do_sample=False, **sampling)[:, width:]
+    answers = [a.strip() for a in tokenizer.batch_decode(output, skip_special_tokens=True)]
+    return answers, finish_reasons(model, tokenizer, output)
+
+
+def seeded_sampling(seeds, temperature, top_p):
+    """Logits processors that make greedy decoding sample each row with its own generator: temperature and
+    top-p, then Gumbel noise (the argmax of logits plus Gumbel noise is a sample of their softmax)."""
+    import torch
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+
+    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+
+    def gumbel_noise(input_ids, scores):
+        uniform = torch.stack([torch.rand(scores.shape[-1], generator=g, dtype=torch.float64) for g in generators])
+        return scores - (-uniform.log()).log().to(scores)
+
+    return LogitsProcessorList([TemperatureLogitsWarper(temperature), TopPLogitsWarper(top_p), gumbel_noise])
+
+
+def finish_reasons(model, tokenizer, output):
+    """"stop" for each row of generated ids that holds an end-of-sequence token, "length" for the others."""
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [tokenizer.eos_token_id if eos is None else eos])
+    return ["stop" if eos & set(row.tolist()) else "length" for row in output]
+
+
+def sample_seed(seed, job_id):
+    """The sampling seed of one answer: from --seed and the answer's id alone, so a resumed run repeats it."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{job_id}".encode()).digest()[:8], "big") >> 2
 
 
 def sample_locally(args, jobs, record):
-    """Batched local generation; resumable like run_jobs: finished ids are skipped, each batch flushed."""
+    """Batched local generation; resumable like run_jobs: finished ids are skipped, each batch flushed.
+
+    Each answer samples with its own seed (sample_seed), so a resumed run writes the rows an uninterrupted
+    one would."""
     import torch
     from tqdm import tqdm
 
@@ -405,14 +459,17 @@ def sample_locally(args, jobs, record):
     todo = [job for job in jobs if job[0] not in skip]
     tokenizer, model = load_model(args.model, "cuda" if torch.cuda.is_available() else "cpu")
     model.eval()
-    torch.manual_seed(args.seed or 0)
+    top_p = 1.0 if args.top_p is None else args.top_p
+    settings = {"model": args.model, "temperature": args.temperature, "top_p": top_p, "max_tokens": args.max_tokens,
+                "seed": args.seed or 0}
     with JsonlAppender(args.out) as out:
         for start in tqdm(range(0, len(todo), args.batch_size), desc="sample"):
             batch = todo[start:start + args.batch_size]
-            answers = generate(model, tokenizer, [row["prompt"] for _, (row, _) in batch], args.max_tokens,
-                               args.temperature, 1.0 if args.top_p is None else args.top_p)
-            for (job_id, (row, k)), answer in zip(batch, answers):
-                out.write({"id": job_id, **record(row, k, answer, args.model)})
+            seeds = [sample_seed(settings["seed"], job_id) for job_id, _ in batch]
+            answers, reasons = generate(model, tokenizer, [row["prompt"] for _, (row, _) in batch], args.max_tokens,
+                                        args.temperature, top_p, seeds)
+            for (job_id, (row, k)), answer, reason in zip(batch, answers, reasons):
+                out.write({"id": job_id, **record(row, k, answer, {**settings, "finish_reason": reason})})
     print(f"sample: {len(todo)} answers written to {args.out}, {len(skip)} already done")
     return Counter(done=len(todo), skipped=len(skip))
 
@@ -487,29 +544,16 @@ def cmd_judge(args):
 def cmd_offpolicy(args):
     """Off-policy judge: the best- against the worst-scored existing completion; ties dropped.
 
-    UltraFeedback layout: `prompt` (or `instruction`) and `completions`, a list of objects with a
-    `response` (or `text`) and an `overall_score` (or `score`).
+    UltraFeedback layout (JSONL, .parquet or a Hub dataset id): `prompt` (or `instruction`) and `completions`,
+    a list of objects with a `response` (or `text`) and an `overall_score` (or `score`).
     """
     rows, counts = [], Counter()
-    for number, row in read_jsonl(args.inp):
-        where = f"{args.inp}:{number}"
-        prompt = row.get("prompt", row.get("instruction"))
-        completions = row.get("completions")
-        if not isinstance(prompt, (str, list)) or not isinstance(completions, list):
-            raise DataError(f"{where}: fields 'prompt' (or 'instruction') and 'completions' are required")
-        scored = []
-        for i, c in enumerate(completions):
-            text = c.get("response", c.get("text")) if isinstance(c, dict) else None
-            score = c.get("overall_score", c.get("score")) if isinstance(c, dict) else None
-            if not isinstance(text, str) or not isinstance(score, (int, float)):
-                raise DataError(f"{where}: field 'completions[{i}]': needs a 'response' and a numeric 'overall_score'")
-            scored.append((score, text))
-        scored.sort(key=lambda s: s[0])
-        if len(scored) < 2 or scored[0][0] == scored[-1][0]:
+    for where, row in read_records(args.inp):
+        pair = best_vs_worst(row, where)
+        if pair is None:
             counts["tie"] += 1
             continue
-        rows.append({"id": str(row.get("id", number)), "prompt": prompt, "chosen": scored[-1][1],
-                     "rejected": scored[0][1], "score_chosen": scored[-1][0], "score_rejected": scored[0][0]})
+        rows.append({"id": row_id(row, where), **pair})
     with open(args.out, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     print(f"offpolicy: {len(rows)} pairs written to {args.out}, {counts['tie']} ties dropped")
@@ -643,7 +687,7 @@ def parse_args(argv=None):
             c.add_argument("--max-tokens", type=int, default=default_max_tokens, help="the reply's length limit")
             c.add_argument("--top-p", type=float, help="nucleus sampling, sent when given (local sampling: 1.0)")
             c.add_argument("--seed", type=int, help="sent when given, plus the sample index for sample --n "
-                           "(local sampling: torch's seed, 0 when not given)")
+                           "(local sampling: each answer's seed comes from it and the answer's id; 0 when not given)")
         return c
 
     sample = command("sample", cmd_sample, default_max_tokens=512)

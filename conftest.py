@@ -106,14 +106,16 @@ class ChatServer:
     `reply(request_json) -> str` makes the answer text. `faults` is a list consumed one per request before
     normal answers: "429" (with Retry-After), "500", "slow" (sleeps past the client's timeout),
     "badjson" (a 200 that is not JSON), "nochoices" (a 200 without choices), "drop" (closes the
-    connection unanswered), "401". `delay` sleeps before every answer. Every request is recorded.
+    connection unanswered), "401". `delay` sleeps before every answer; every answer carries `finish_reason`.
+    Every request is recorded.
     """
 
-    def __init__(self, reply, faults=(), delay=0.0, slow_seconds=2.0):
+    def __init__(self, reply, faults=(), delay=0.0, slow_seconds=2.0, finish_reason="stop"):
         import http.server
         import threading
 
         self.reply, self.faults, self.delay, self.slow_seconds = reply, list(faults), delay, slow_seconds
+        self.finish_reason = finish_reason
         self.requests, self.headers, self.lock = [], [], threading.Lock()
         server = self
 
@@ -167,7 +169,7 @@ class ChatServer:
                 content = server.reply(body)
                 self.send(200, json.dumps({"object": "chat.completion", "model": body["model"],
                                            "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
-                                                        "finish_reason": "stop"}]}))
+                                                        "finish_reason": server.finish_reason}]}))
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True

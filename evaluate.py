@@ -49,7 +49,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model", required=True, nargs="+", help="trained checkpoints (train.py folders), one or more")
     p.add_argument("--ref", help="the reference / initial model (default: the one the checkpoints were trained from)")
-    p.add_argument("--data", help="held-out preference pairs, JSONL")
+    p.add_argument("--data", help="held-out preference pairs: JSONL, .parquet or a Hub dataset id")
     p.add_argument("--prompts", help="prompts to answer, JSONL: id, prompt, optional answer")
     p.add_argument("--loss", choices=sorted(LOSSES), help="for the reported loss (default: the training loss)")
     p.add_argument("--beta", type=float, help="default: the training beta")
@@ -147,17 +147,22 @@ def evaluate_pairs(args, device):
 
 # ----------------------------------------------------------------------------- generation
 
-NUMBER_WORDS = {w: str(i) for i, w in enumerate(
-    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
-    "seventeen eighteen nineteen twenty".split())}
+UNITS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+         "seventeen eighteen nineteen").split()
+TENS = "twenty thirty forty fifty sixty seventy eighty ninety".split()
+NUMBER_WORDS = {**{w: i for i, w in enumerate(UNITS)}, **{w: 20 + 10 * i for i, w in enumerate(TENS)},
+                "once": 1, "twice": 2, "thrice": 3}
 
 
 def normalise(text):
-    """Lower case, accents and punctuation off, thousands separators gone, number words as digits."""
+    """Lower case, accents and punctuation off, thousands separators gone, number words as digits ("twice",
+    "thirty-one" and "31" all read as numbers), so that words and digits match either way."""
     text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode().lower()
     text = re.sub(r"(?<=\d),(?=\d{3})", "", text)
+    text = re.sub(rf"\b({'|'.join(TENS)})[ -]({'|'.join(UNITS[1:10])})\b",
+                  lambda m: str(NUMBER_WORDS[m[1]] + NUMBER_WORDS[m[2]]), text)
     text = re.sub(r"(?<!\d)\.|\.(?!\d)|[^\w.-]+|-(?!\d)", " ", text)
-    return " ".join(NUMBER_WORDS.get(word, word) for word in text.split())
+    return " ".join(str(NUMBER_WORDS.get(word, word)) for word in text.split())
 
 
 def matches(response, answer):
@@ -188,7 +193,7 @@ def generations(args, rows, device):
         torch.manual_seed(0)
         answers[path] = texts = [a for start in range(0, len(rows), args.batch_size) for a in generate(
             model, tokenizer, [r["prompt"] for r in rows[start:start + args.batch_size]], args.max_new_tokens,
-            args.temperature)]
+            args.temperature)[0]]
         del model
         scores = {"mean_answer_chars": sum(map(len, texts)) / len(texts)}
         if keyed:

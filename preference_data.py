@@ -1,10 +1,13 @@
-"""Preference data as users have it: JSONL read line by line, and TRL's preference format.
+"""Preference data as users have it: JSONL read line by line, parquet files and Hub datasets, TRL's
+preference format, and UltraFeedback's scored completions.
 
-Needs only the standard library, so clair.py (over raw HTTP), train.py and evaluate.py share it. Bad input
-is a DataError naming the file, line and field.
+Needs only the standard library, so clair.py (over raw HTTP), train.py and evaluate.py share it; parquet
+needs pyarrow and Hub datasets need datasets, imported only when used. Bad input is a DataError naming the
+file, line (or row) and field.
 """
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -38,6 +41,50 @@ def read_jsonl(path):
         yield number, obj
 
 
+def read_records(source):
+    """Yield (where, row) for each row of a JSONL file, a .parquet file or a Hub dataset id (owner/name, its
+    train split); `where` is file:line for JSONL and source[index] for the others, counted from 0."""
+    path = Path(source)
+    hub_id = (re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)) and path.suffix not in (".json", ".jsonl")
+              and not path.exists())
+    if path.suffix == ".parquet":
+        pyarrow = optional_import("pyarrow", f"{source}: reading parquet")
+        import pyarrow.parquet
+
+        try:
+            rows = pyarrow.parquet.read_table(path).to_pylist()
+        except (OSError, pyarrow.ArrowException) as e:
+            raise DataError(f"{source}: cannot read as parquet: {str(e).splitlines()[0]}") from None
+    elif hub_id:
+        datasets = optional_import("datasets", f"{source}: reading a Hub dataset")
+        try:
+            rows = datasets.load_dataset(str(source), split="train")
+        except Exception as e:  # offline, unknown, gated or without a train split: one line, not a traceback
+            why = str(e).splitlines()[0] if str(e) else "no message"
+            raise DataError(f"{source}: cannot load the Hub dataset ({type(e).__name__}: {why})") from None
+    else:
+        for number, row in read_jsonl(source):
+            yield f"{source}:{number}", row
+        return
+    for index, row in enumerate(rows):
+        yield f"{source}[{index}]", row
+
+
+def row_id(row, where):
+    """The row's `id`, or where it is (file:line, file[index]) without the file's folder."""
+    return str(row.get("id", Path(where).name))
+
+
+def optional_import(package, purpose):
+    """`package`, or a DataError saying how to install it."""
+    import importlib
+
+    try:
+        return importlib.import_module(package)
+    except ImportError:
+        raise DataError(f"{purpose} needs {package}: pip install {package}") from None
+
+
 def cut_torn_line(path):
     """Truncate `path` after its last newline: a last line torn by a kill mid-write goes."""
     with open(path, "r+b") as f:
@@ -66,18 +113,46 @@ def split_completion(row, field, where):
     raise DataError(f"{where}: field '{field}': expected a string or a non-empty list of messages, got {kind}")
 
 
-def load_pairs(path):
-    """Preference pairs in TRL's format: (rows, drop counts).
+def best_vs_worst(row, where):
+    """The off-policy judge's pair of an UltraFeedback row: the best- against the worst-scored completion, or
+    None on a tie. The row has `prompt` (or `instruction`) and `completions`, a list of objects with a
+    `response` (or `text`) and an `overall_score` (or `score`)."""
+    prompt = row.get("prompt", row.get("instruction"))
+    completions = row.get("completions")
+    if not isinstance(prompt, (str, list)) or not isinstance(completions, list):
+        raise DataError(f"{where}: fields 'prompt' (or 'instruction') and 'completions' are required")
+    scored = []
+    for i, c in enumerate(completions):
+        text = c.get("response", c.get("text")) if isinstance(c, dict) else None
+        score = c.get("overall_score", c.get("score")) if isinstance(c, dict) else None
+        if not isinstance(text, str) or not isinstance(score, (int, float)):
+            raise DataError(f"{where}: field 'completions[{i}]': needs a 'response' and a numeric 'overall_score'")
+        scored.append((score, text))
+    scored.sort(key=lambda s: s[0])
+    if len(scored) < 2 or scored[0][0] == scored[-1][0]:
+        return None
+    return {"prompt": prompt, "chosen": scored[-1][1], "rejected": scored[0][1], "score_chosen": scored[-1][0],
+            "score_rejected": scored[0][0]}
 
-    `prompt`, `chosen`, `rejected` are strings or chat-message lists. For message lists the last
-    assistant turn is the completion and earlier turns belong to the prompt (the released CLAIR layout:
+
+def load_pairs(source):
+    """Preference pairs from a JSONL file, a .parquet file or a Hub dataset id: (rows, drop counts).
+
+    TRL's format: `prompt`, `chosen`, `rejected` are strings or chat-message lists. For message lists the
+    last assistant turn is the completion and earlier turns belong to the prompt (the released CLAIR layout:
     a string `prompt` plus `chosen`/`rejected` = [user turn, assistant turn]). Extra fields such as
-    `rational` are ignored. A row whose completion is empty or whose chosen equals its rejected is dropped
-    and counted; anything malformed is a DataError naming file, line and field.
+    `rational` are ignored. A row in UltraFeedback's layout (`completions`, no `chosen`) becomes its best-
+    against-worst pair. A row whose completion is empty, whose chosen equals its rejected or whose scores
+    tie is dropped and counted; anything malformed is a DataError naming file, line (or row) and field.
     """
     rows, drops, seen = [], Counter(), set()
-    for number, row in read_jsonl(path):
-        where = f"{path}:{number}"
+    for where, row in read_records(source):
+        if "completions" in row and "chosen" not in row:
+            pair = best_vs_worst(row, where)
+            if pair is None:
+                drops["tied scores"] += 1
+                continue
+            row = {**row, **pair}
         chosen_turns, chosen = split_completion(row, "chosen", where)
         rejected_turns, rejected = split_completion(row, "rejected", where)
         if chosen_turns != rejected_turns:
@@ -91,16 +166,16 @@ def load_pairs(path):
             prompt = _messages(prompt, f"{where}: field 'prompt'")
         else:
             raise DataError(f"{where}: field 'prompt': expected a string or a list of messages")
-        row_id = str(row.get("id", f"{Path(path).name}:{number}"))
-        if row_id in seen:
-            raise DataError(f"{where}: field 'id': duplicate id {row_id!r}")
-        seen.add(row_id)
+        pair_id = row_id(row, where)
+        if pair_id in seen:
+            raise DataError(f"{where}: field 'id': duplicate id {pair_id!r}")
+        seen.add(pair_id)
         if not chosen.strip() or not rejected.strip():
             drops["empty completion"] += 1
         elif chosen == rejected:
             drops["chosen identical to rejected"] += 1
         else:
-            rows.append({"id": row_id, "prompt": prompt, "chosen": chosen, "rejected": rejected})
+            rows.append({"id": pair_id, "prompt": prompt, "chosen": chosen, "rejected": rejected})
     if not rows:
-        raise DataError(f"{path}: no usable pairs")
+        raise DataError(f"{source}: no usable pairs")
     return rows, drops

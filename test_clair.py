@@ -309,24 +309,47 @@ def test_sample_locally_and_from_an_endpoint(tmp_path, tiny_model):
                 "--n", "2", "--max-tokens", "6"])
     rows = read_out(tmp_path / "local.jsonl")
     assert sorted(r["id"] for r in rows) == ["p1-0", "p1-1", "p2-0", "p2-1"]
-    assert all(r["prompt_id"] in ("p1", "p2") and r["sample_index"] in (0, 1) and r["model"] == tiny_model
-               for r in rows)
-    with ChatServer(lambda body: "an answer") as server:
+    assert all(r["prompt_id"] in ("p1", "p2") and r["sample_index"] in (0, 1) for r in rows)
+    # Every row records its sampling settings (the defaults here) and why generation stopped.
+    settings = {"model": tiny_model, "temperature": 0.7, "top_p": 1.0, "max_tokens": 6, "seed": 0}
+    assert all({k: r[k] for k in settings} == settings and r["finish_reason"] in ("stop", "length") for r in rows)
+    with ChatServer(lambda body: "an answer", finish_reason="length") as server:
         clair.main(["sample", "--base-url", server.base_url, "--model", "remote", "--in", prompts,
-                    "--out", str(tmp_path / "remote.jsonl")])
-    # Rows are written as requests complete, so in any order.
+                    "--out", str(tmp_path / "remote.jsonl"), "--max-tokens", "9", "--seed", "3"])
+    # Rows are written as requests complete, so in any order; each keeps the settings sent and the server's
+    # finish reason.
+    sent = {"model": "remote", "temperature": 0.7, "max_tokens": 9, "top_p": None, "seed": 3, "finish_reason": "length"}
     assert sorted((r["id"], r["completion"]) for r in read_out(tmp_path / "remote.jsonl")) == [("p1", "an answer"),
                                                                                                ("p2", "an answer")]
+    assert all({k: r[k] for k in sent} == sent for r in read_out(tmp_path / "remote.jsonl"))
     assert not (tmp_path / "remote.rejects.jsonl").exists()  # nothing was dropped or failed
 
 
-def test_http_requests_carry_top_p_and_seed_where_given(tmp_path):
-    prompts = write_jsonl(tmp_path / "p.jsonl", [{"id": "p1", "prompt": "Hi"}])
-    with ChatServer(lambda body: "an answer") as server:
-        clair.main(["sample", "--base-url", server.base_url, "--model", "remote", "--in", prompts, "--out",
-                    str(tmp_path / "o.jsonl"), "--n", "2", "--top-p", "0.9", "--seed", "7", "--temperature", "1.0"])
-    # The seed is offset by the sample index, so that the two samples of a prompt differ.
-    assert sorted((r["top_p"], r["seed"], r["temperature"]) for r in server.requests) == [(0.9, 7, 1.0), (0.9, 8, 1.0)]
+def test_local_samples_are_seeded_per_answer_so_a_resumed_run_repeats_them(tmp_path, tiny_model):
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"id": f"p{i}", "prompt": f"Prompt number {i}"} for i in range(4)])
+    command = ["sample", "--model", tiny_model, "--in", prompts, "--max-tokens", "8", "--seed", "5", "--n", "2"]
+    clair.main([*command, "--out", str(tmp_path / "whole.jsonl"), "--batch-size", "3"])
+    whole = read_out(tmp_path / "whole.jsonl")
+    # A run killed after its first batch, resumed with other batches: the same rows.
+    (tmp_path / "resumed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in whole[:3]))
+    clair.main([*command, "--out", str(tmp_path / "resumed.jsonl"), "--batch-size", "2"])
+    assert read_out(tmp_path / "resumed.jsonl") == whole
+    assert len({r["completion"] for r in whole}) == 8  # each answer its own seed: the two samples of a prompt differ
+
+
+def test_local_finish_reason_is_stop_at_end_of_sequence_and_length_at_the_limit(tiny_model):
+    import torch
+
+    from train import chat_ids, load_model
+
+    tokenizer, model = load_model(tiny_model)
+    ids = chat_ids(tokenizer, [{"role": "user", "content": "Hi"}], add_generation_prompt=True)
+    first = model(torch.tensor([ids])).logits[0, -1].argmax().item()  # the greedy first token
+    prompts = ["Hi", "Tell me a long story about a cat and a dog, please."]  # the second starts otherwise
+    assert clair.generate(model, tokenizer, prompts, 4)[1] == ["length", "length"]
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, first]  # now "Hi" ends the turn at once
+    answers, reasons = clair.generate(model, tokenizer, prompts, 4)
+    assert reasons == ["stop", "length"] and len(answers[1]) > len(answers[0])
 
 
 def test_import_clair_needs_neither_torch_nor_transformers():
@@ -426,8 +449,8 @@ def test_local_generation_without_a_pad_token(tmp_path, padless_model):
     tokenizer, model = load_model(padless_model)
     assert tokenizer.pad_token_id is None
     prompts = ["Hi", [{"role": "user", "content": "Tell me a long story about a cat and a dog, please."}]]
-    alone = [clair.generate(model, tokenizer, [p], 8)[0] for p in prompts]
-    assert clair.generate(model, tokenizer, prompts, 8) == alone and alone[0] != alone[1]
+    alone = [clair.generate(model, tokenizer, [p], 8)[0][0] for p in prompts]
+    assert clair.generate(model, tokenizer, prompts, 8)[0] == alone and alone[0] != alone[1]
     prompts_file = write_jsonl(tmp_path / "p.jsonl", [{"id": "p", "prompt": "Hi"}])
     clair.main(["sample", "--model", padless_model, "--in", prompts_file,
                 "--out", str(tmp_path / "s.jsonl"), "--max-tokens", "8", "--temperature", "0"])

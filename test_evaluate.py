@@ -111,6 +111,11 @@ def test_plot_of_a_folder_that_is_no_run(tmp_path):
     ("The answer is 3,999.", "3999", True), ("It is 13999", "3999", False), ("Brasilia is the capital", "Brasília", True),
     ("roughly 2.5 kg", "2.5", True), ("Paris.", "paris", True), ("New Delhi!", "Delhi", True), ("Newcastle", "New", False),
     ("A hexagon has six sides.", "6", True), ("The result is -31.", "-31", True), ("It is 31.", "-31", False),
+    # Number words both ways: once, twice and thrice are 1, 2 and 3; compound tens read whole.
+    ("The letter 'b' appears once.", "1", True), ("It appears twice", "2", True), ("thrice!", "3", True),
+    ("It appears 2 times.", "two", True), ("once", "one", True), ("It appears once.", "2", False),
+    ("January has thirty-one days.", "31", True), ("thirty one", "31", True), ("It has 31 days.", "thirty-one", True),
+    ("thirty-one", "30", False), ("thirty-one", "1", False), ("forty people", "40", True),
 ])
 def test_answer_matching(text, answer, expected):
     assert evaluate.matches(text, answer) is expected

@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -71,9 +72,121 @@ def test_bad_input_names_file_line_and_field(tmp_path, line, message):
 
 
 def test_a_binary_data_file_is_a_one_line_error(tmp_path, tiny_model):
-    (tmp_path / "pairs.parquet").write_bytes(b"PAR1\x15\x04\x15\x90\x01\x15\x90\x01L\x15\x04\x15\x00\x12\x00\x00\xc8")
-    with pytest.raises(SystemExit, match=r"^error: \S*pairs.parquet:1: not UTF-8 text \(byte 7\); expected JSONL"):
-        train.main(["--model", tiny_model, "--data", str(tmp_path / "pairs.parquet"), "--out", str(tmp_path / "o")])
+    (tmp_path / "pairs.jsonl").write_bytes(b"PAR1\x15\x04\x15\x90\x01\x15\x90\x01L\x15\x04\x15\x00\x12\x00\x00\xc8")
+    with pytest.raises(SystemExit, match=r"^error: \S*pairs.jsonl:1: not UTF-8 text \(byte 7\); expected JSONL"):
+        train.main(["--model", tiny_model, "--data", str(tmp_path / "pairs.jsonl"), "--out", str(tmp_path / "o")])
+
+
+def write_parquet(path, rows):
+    """Rows as a parquet file, written by pyarrow as the Hub serves datasets; the test skips without pyarrow."""
+    pyarrow = pytest.importorskip("pyarrow", reason="parquet needs pyarrow: pip install pyarrow")
+    import pyarrow.parquet
+
+    pyarrow.parquet.write_table(pyarrow.Table.from_pylist(rows), path)
+    return str(path)
+
+
+def release_rows(n):
+    """Pairs in the released CLAIR dataset's layout (ContextualAI/ultrafeedback_clair_32k): a string prompt,
+    chosen and rejected as [user turn, assistant turn], and a `rational`."""
+    rows = []
+    for pair in arithmetic_pairs(n):
+        user = {"role": "user", "content": pair["prompt"]}
+        rows.append({"prompt": pair["prompt"], "chosen": [user, {"role": "assistant", "content": pair["chosen"]}],
+                     "rejected": [user, {"role": "assistant", "content": pair["rejected"]}], "rational": "a sum"})
+    return rows
+
+
+def test_the_release_layout_reads_from_parquet_as_from_jsonl(tmp_path):
+    rows = release_rows(3)
+    from_parquet, drops = preference_data.load_pairs(write_parquet(tmp_path / "release.parquet", rows))
+    from_jsonl, _ = preference_data.load_pairs(write_jsonl(tmp_path / "release.jsonl", rows))
+    assert not drops and [p["id"] for p in from_parquet] == ["release.parquet[0]", "release.parquet[1]",
+                                                             "release.parquet[2]"]
+    assert [{**p, "id": None} for p in from_parquet] == [{**p, "id": None} for p in from_jsonl]
+    assert from_parquet[0]["prompt"] == [rows[0]["chosen"][0]] and from_parquet[0]["chosen"] == rows[0]["chosen"][1]["content"]
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"rejected": None}, r"release.parquet\[1\]: field 'rejected': expected a string or a non-empty list of "
+                         r"messages, got missing$"),
+    ({"chosen": [{"role": "user", "content": "q"}]}, r"release.parquet\[1\]: field 'chosen': the last message "
+                                                     r"must be the assistant's$"),
+])
+def test_bad_parquet_rows_name_file_row_and_field(tmp_path, change, message):
+    rows = release_rows(2)
+    rows[1] |= change
+    with pytest.raises(preference_data.DataError, match=message):
+        preference_data.load_pairs(write_parquet(tmp_path / "release.parquet", rows))
+
+
+def test_a_corrupt_parquet_file_is_a_one_line_error(tmp_path):
+    pytest.importorskip("pyarrow", reason="parquet needs pyarrow: pip install pyarrow")
+    (tmp_path / "pairs.parquet").write_bytes(b"PAR1 not really parquet")
+    with pytest.raises(preference_data.DataError, match=r"pairs.parquet: cannot read as parquet: [^\n]+$"):
+        preference_data.load_pairs(tmp_path / "pairs.parquet")
+
+
+def test_the_ultrafeedback_layout_gives_best_against_worst_and_drops_ties(tmp_path):
+    rows = [{"instruction": "q1", "completions": [{"response": "mid", "overall_score": 5.0},
+                                                  {"response": "best", "overall_score": 9.0},
+                                                  {"response": "worst", "overall_score": 2.0}]},
+            {"instruction": "q2", "completions": [{"response": "a", "overall_score": 3.0},
+                                                  {"response": "b", "overall_score": 3.0}]}]
+    for path in (write_jsonl(tmp_path / "uf.jsonl", rows), write_parquet(tmp_path / "uf.parquet", rows)):
+        (pair,), drops = preference_data.load_pairs(path)
+        assert (pair["prompt"], pair["chosen"], pair["rejected"]) == ([{"role": "user", "content": "q1"}], "best", "worst")
+        assert drops == {"tied scores": 1}
+    rows[1]["completions"][1] = {"response": "b"}
+    with pytest.raises(preference_data.DataError, match=r"uf.jsonl:2: field 'completions\[1\]': needs a 'response' "
+                                                        r"and a numeric 'overall_score'"):
+        preference_data.load_pairs(write_jsonl(tmp_path / "uf.jsonl", rows))
+
+
+def test_hub_dataset_ids_load_through_datasets(monkeypatch):
+    """datasets.load_dataset stands in for the Hub, which is offline here."""
+    asked = []
+
+    def load_dataset(name, split):
+        asked.append((name, split))
+        if name == "nobody/offline":
+            raise ConnectionError("Couldn't reach 'nobody/offline' on the Hub (LocalEntryNotFoundError)\nmore text")
+        return release_rows(2)
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    pairs, _ = preference_data.load_pairs("ContextualAI/ultrafeedback_clair_32k")
+    assert asked == [("ContextualAI/ultrafeedback_clair_32k", "train")]
+    assert [p["id"] for p in pairs] == ["ultrafeedback_clair_32k[0]", "ultrafeedback_clair_32k[1]"]
+    with pytest.raises(preference_data.DataError, match=r"^nobody/offline: cannot load the Hub dataset \(ConnectionError: "
+                                                        r"Couldn't reach 'nobody/offline' on the Hub \(LocalEntryNotFoundError\)\)$"):
+        preference_data.load_pairs("nobody/offline")
+
+
+def test_a_missing_reader_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets raises ImportError
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    with pytest.raises(preference_data.DataError, match=r"^ContextualAI/ultrafeedback_clair_32k: reading a Hub dataset "
+                                                        r"needs datasets: pip install datasets$"):
+        preference_data.load_pairs("ContextualAI/ultrafeedback_clair_32k")
+    with pytest.raises(preference_data.DataError, match=r"^release.parquet: reading parquet needs pyarrow: pip install "
+                                                        r"pyarrow$"):
+        preference_data.load_pairs("release.parquet")
+
+
+def test_preference_data_imports_with_the_standard_library_only():
+    code = ("import sys; before = set(sys.modules); import preference_data; "
+            "print(sorted({m.split('.')[0] for m in set(sys.modules) - before} - set(sys.stdlib_module_names)))")
+    imported = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, check=True)
+    assert imported.stdout.strip() == "['preference_data']"  # pyarrow and datasets only when a file needs them
+
+
+def test_train_on_a_release_parquet_offline(tmp_path, tiny_model, ref_cache, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    data = write_parquet(tmp_path / "release.parquet", release_rows(8))
+    train.main(["--model", tiny_model, "--data", data, "--out", str(tmp_path / "run"), "--batch-size", "2",
+                "--grad-accum", "1", "--max-steps", "2", "--lr", "1e-3", "--warmup-ratio", "0"])
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "loss" in m] == [1, 2] and (tmp_path / "run" / "final").exists()
 
 
 def test_empty_and_identical_completions_are_counted_drops(tmp_path):

@@ -59,8 +59,9 @@ warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavai
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL, help="local path or hub id; default: the embedded SmolLM2")
-    p.add_argument("--data", default=None, help=f"train pairs, JSONL (default: {DEFAULT_TRAIN.relative_to(HERE)})")
-    p.add_argument("--eval-data", default=None, help="held-out pairs, JSONL (default: bundled, or --eval-fraction)")
+    p.add_argument("--data", default=None, help="train pairs: JSONL, .parquet or a Hub dataset id "
+                   f"(default: {DEFAULT_TRAIN.relative_to(HERE)})")
+    p.add_argument("--eval-data", default=None, help="held-out pairs, as --data (default: bundled, or --eval-fraction)")
     p.add_argument("--eval-fraction", type=float, default=0.05, help="held out from --data without --eval-data")
     p.add_argument("--loss", choices=sorted(LOSSES), default="apo_zero")
     p.add_argument("--beta", type=float, default=0.1)
