@@ -66,6 +66,15 @@ def padded(pairs, indices, pad_id, device):
     return ids.to(device), mask.to(device), ids.masked_fill(mask == 0, -100).to(device)
 
 
+def initial_logps(model, pairs, indices, device, dtype, row_tokens):
+    """[len(pairs), 2] reference log-probs as train.py caches them, the initial model's own, at `indices`:
+    rewards start at 0. Zeros would put them near -70 and fill the backward with denormal floats, which
+    slow a CPU tenfold."""
+    ref = torch.zeros(len(pairs), 2)
+    ref[indices] = train.pairs_logps(model, [pairs[i] for i in indices], 4, device, dtype, row_tokens).float()
+    return ref
+
+
 def timed(fn, repeats):
     fn()  # warm-up
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
@@ -82,7 +91,7 @@ def bench_training(args, device):
     dtype = "bf16" if device.type == "cuda" else "fp32"
     step = batches[:args.grad_accum]
     n_pairs = sum(map(len, step))
-    ref = torch.zeros(len(pairs), 2)
+    ref = initial_logps(model, pairs, sorted(i for b in step for i in b), device, dtype, row_tokens)
     log = open(Path(tempfile.mkdtemp()) / "metrics.jsonl", "w")
 
     def full_step():  # exactly what train.py's loop does per step, logging included
@@ -163,9 +172,9 @@ def child(args, mode):
     if mode == "scale":  # one micro-batch: a warm-up step, then a timed one
         pairs = random_pairs(args.batch_size, model.config.vocab_size)
         step = [list(range(len(pairs)))]
-        seconds = timed(lambda: train.train_step(model, optimizer, list(model.parameters()), pairs,
-                                                 torch.zeros(len(pairs), 2), step, len(pairs), apo_zero_loss, 0.1,
-                                                 device, dtype, 1.0, 2 * 512), 1)
+        ref = initial_logps(model, pairs, step[0], device, dtype, 2 * 512)
+        seconds = timed(lambda: train.train_step(model, optimizer, list(model.parameters()), pairs, ref, step,
+                                                 len(pairs), apo_zero_loss, 0.1, device, dtype, 1.0, 2 * 512), 1)
         tokens = sum(2 * len(p["prompt"]) + len(p["chosen"]) + len(p["rejected"]) for p in pairs)
         return f"{tokens} {tokens / seconds} {peak_memory(device)}"
     reference = None
@@ -184,11 +193,7 @@ def child(args, mode):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             continue
-        ref = torch.zeros(len(pairs), 2)
-        if reference is not None:
-            with torch.no_grad(), train.autocast(device, dtype):
-                batch = train.collate(pairs, indices, device, row_tokens)
-                ref[indices] = train.sequence_logps(reference, batch).view(2, -1).T.cpu()
+        ref = initial_logps(reference or model, pairs, indices, device, dtype, row_tokens)
         train.train_step(model, optimizer, list(model.parameters()), pairs, ref, [indices], len(indices),
                          apo_zero_loss, 0.1, device, dtype, 1.0, row_tokens)
     return peak_memory(device)
@@ -288,9 +293,10 @@ def gpu_row(label, model, card, peak_flops, rng, args, device):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     step = [list(range(len(pairs)))]
-    seconds = timed(lambda: train.train_step(model, optimizer, list(model.parameters()), pairs,
-                                             torch.zeros(len(pairs), 2), step, len(pairs), apo_zero_loss, 0.1,
-                                             device, "bf16", 1.0, math.inf), args.repeats)
+    ref = initial_logps(model, pairs, step[0], device, "bf16", math.inf)
+    seconds = timed(lambda: train.train_step(model, optimizer, list(model.parameters()), pairs, ref, step,
+                                             len(pairs), apo_zero_loss, 0.1, device, "bf16", 1.0, math.inf),
+                    args.repeats)
     tokens = 2 * len(pairs) * 1024
     params = sum(p.numel() for p in model.parameters())
     mfu = f", MFU {6 * params * tokens / seconds / peak_flops:.1%}" if peak_flops else ""
