@@ -144,13 +144,14 @@ def bench_training(args, device):
 
 
 def random_pairs(n, vocab=49152, seed=0):
-    """Pairs of random tokens, prompt and completion each of up to 512 tokens in all (TRL side-by-side's data)."""
+    """Pairs of random tokens, prompt + chosen + rejected of up to 512 tokens (TRL side-by-side's data)."""
     rng = random.Random(seed)
+    tokens = lambda count: [rng.randrange(1, vocab) for _ in range(count)]
     pairs = []
     for _ in range(n):
-        prompt = [rng.randrange(1, vocab) for _ in range(rng.randint(16, 128))]
-        pairs.append({"prompt": prompt, **{side: [rng.randrange(1, vocab) for _ in range(rng.randint(16, 512 - len(prompt)))]
-                                           for side in ("chosen", "rejected")}})
+        prompt = tokens(rng.randint(16, 128))
+        room = (512 - len(prompt)) // 2
+        pairs.append({"prompt": prompt, "chosen": tokens(rng.randint(16, room)), "rejected": tokens(rng.randint(16, room))})
     return pairs
 
 
@@ -223,7 +224,7 @@ def bench_memory(args, weight_bytes):
 
 
 def bench_scaling(args):
-    """Row 7: one micro-batch of 4, 8 and 16 random pairs (up to 512 tokens each), each in a fresh process."""
+    """Row 7: one micro-batch of 4, 8 and 16 random pairs (up to 512 tokens a pair), each in a fresh process."""
     gib = 2 ** 30
     measured = {n: in_child(args, "scale", n) for n in (4, 8, 16)}
     for n, (tokens, tokens_per_s, peak) in measured.items():

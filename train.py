@@ -570,7 +570,8 @@ def reference_logps(model, pairs, fingerprint, batch_size, device, dtype, row_to
     if missing:
         todo = [pairs[i] for i in missing]
         start = time.time()
-        computed = dict(zip([keys[i] for i in missing], pairs_logps(model, todo, batch_size, device, dtype, row_tokens).tolist()))
+        logps = pairs_logps(model, todo, batch_size, device, dtype, row_tokens)
+        computed = dict(zip([keys[i] for i in missing], logps.tolist()))
         cache.update(computed)
         tokens = sum(2 * len(p["prompt"]) + len(p["chosen"]) + len(p["rejected"]) for p in todo)
         log0(f"{desc}: {len(missing)} pairs' log-probs computed, {tokens / (time.time() - start):.0f} tokens/s; "
