@@ -213,8 +213,9 @@ def answer(model_path, prompts, args):
     """Greedy answers of a model to the prompts, and their satisfaction and length report."""
     tokenizer, model = train.load_model(model_path, "cuda" if torch.cuda.is_available() else "cpu")
     model.eval()
-    texts = [a for start in range(0, len(prompts), args.gen_batch) for a in clair.generate(
-        model, tokenizer, [p["prompt"] for p in prompts[start:start + args.gen_batch]], args.gen_tokens)]
+    batches = [prompts[start:start + args.gen_batch] for start in range(0, len(prompts), args.gen_batch)]
+    texts = [a for batch in batches  # generate returns (answers, finish reasons)
+             for a in clair.generate(model, tokenizer, [p["prompt"] for p in batch], args.gen_tokens)[0]]
     tokens = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
     failures = [broken(t, p["constraints"]) for t, p in zip(texts, prompts)]
     per_constraint = {name: float(np.mean([name not in f for f, p in zip(failures, prompts) if name in p["constraints"]]))
