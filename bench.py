@@ -194,7 +194,7 @@ def child(args, mode):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             continue
-        ref = initial_logps(reference or model, pairs, indices, device, dtype, row_tokens)
+        ref = initial_logps(model if reference is None else reference, pairs, indices, device, dtype, row_tokens)
         train.train_step(model, optimizer, list(model.parameters()), pairs, ref, [indices], len(indices),
                          apo_zero_loss, 0.1, device, dtype, 1.0, row_tokens)
     return peak_memory(device)
