@@ -50,9 +50,9 @@ def setup(args, device):
     pairs, _ = train.tokenize_pairs(tokenizer, rows, 384, 192)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-7)
     batches = train.train_batches(len(pairs), args.batch_size, 0, 0)
-    row_tokens, _ = train.choose_row_tokens(model, pairs, batches[0], "auto", 2 * 384, device,
-                                           "bf16" if device.type == "cuda" else "fp32")
-    return tokenizer, model, pairs, optimizer, batches, row_tokens
+    break_even, _ = train.choose_packing(model, pairs, batches[0], "auto", device,
+                                         "bf16" if device.type == "cuda" else "fp32")
+    return tokenizer, model, pairs, optimizer, batches, break_even
 
 
 def padded(pairs, indices, pad_id, device):
@@ -66,12 +66,12 @@ def padded(pairs, indices, pad_id, device):
     return ids.to(device), mask.to(device), ids.masked_fill(mask == 0, -100).to(device)
 
 
-def initial_logps(model, pairs, indices, device, dtype, row_tokens):
+def initial_logps(model, pairs, indices, device, dtype, break_even):
     """[len(pairs), 2] reference log-probs as train.py caches them, the initial model's own, at `indices`:
     rewards start at 0. Zeros would put them near -70 and fill the backward with denormal floats, which
     slow a CPU tenfold."""
     ref = torch.zeros(len(pairs), 2)
-    ref[indices] = train.pairs_logps(model, [pairs[i] for i in indices], 4, device, dtype, row_tokens).float()
+    ref[indices] = train.pairs_logps(model, [pairs[i] for i in indices], 4, device, dtype, break_even).float()
     return ref
 
 
@@ -87,16 +87,16 @@ def timed(fn, repeats):
 
 
 def bench_training(args, device):
-    tokenizer, model, pairs, optimizer, batches, row_tokens = setup(args, device)
+    tokenizer, model, pairs, optimizer, batches, break_even = setup(args, device)
     dtype = "bf16" if device.type == "cuda" else "fp32"
     step = batches[:args.grad_accum]
     n_pairs = sum(map(len, step))
-    ref = initial_logps(model, pairs, sorted(i for b in step for i in b), device, dtype, row_tokens)
+    ref = initial_logps(model, pairs, sorted(i for b in step for i in b), device, dtype, break_even)
     log = open(Path(tempfile.mkdtemp()) / "metrics.jsonl", "w")
 
     def full_step():  # exactly what train.py's loop does per step, logging included
         metrics = train.train_step(model, optimizer, list(model.parameters()), pairs, ref, step, n_pairs,
-                                   apo_zero_loss, 0.1, device, dtype, 1.0, row_tokens)
+                                   apo_zero_loss, 0.1, device, dtype, 1.0, break_even)
         log.write(json.dumps(metrics) + "\n")
         log.flush()
 
@@ -113,11 +113,11 @@ def bench_training(args, device):
     row("1. training step / bare padded forward+backward", f"{t_full:.2f} s / {t_bare:.2f} s = {t_full / t_bare:.2f}x",
         "<= 1.10x", t_full / t_bare <= 1.10)
 
-    for name, data, max_length in (("bundled CLAIR pairs", pairs, 384), ("random pairs <= 512 tokens", random_pairs(256), 512)):
+    for name, data in (("bundled CLAIR pairs", pairs), ("random pairs <= 512 tokens", random_pairs(256))):
         for pairs_per_batch in (args.batch_size, 16):
             epoch = train.train_batches(len(data), pairs_per_batch, 0, 0)
-            real = sum(train.collate(data, b, "cpu", 2 * max_length)["tokens"] for b in epoch)
-            processed = sum(train.collate(data, b, "cpu", 2 * max_length)["input_ids"].numel() for b in epoch)
+            real = sum(train.collate(data, b, "cpu", break_even)["tokens"] for b in epoch)
+            processed = sum(train.collate(data, b, "cpu", break_even)["input_ids"].numel() for b in epoch)
             right_padded = sum(train.collate(data, b, "cpu")["input_ids"].numel() for b in epoch)
             row(f"2. padding efficiency, real / processed tokens: {name}, {pairs_per_batch} pairs per micro-batch",
                 f"{real / processed:.3f} (one padded sequence per row would give {real / right_padded:.3f})",
@@ -126,7 +126,7 @@ def bench_training(args, device):
     train_tps = sum(train.collate(pairs, b, "cpu")["tokens"] for b in step) / t_full
     subset = pairs[:args.precompute_pairs]
     start = time.perf_counter()
-    train.pairs_logps(model, subset, 2 * args.batch_size, device, dtype, row_tokens)
+    train.pairs_logps(model, subset, 2 * args.batch_size, device, dtype, break_even)
     elapsed = time.perf_counter() - start
     precompute_tps = sum(2 * len(p["prompt"]) + len(p["chosen"]) + len(p["rejected"]) for p in subset) / elapsed
     row("3. reference precompute / training throughput", f"{precompute_tps:.0f} / {train_tps:.0f} tokens/s = "
@@ -134,10 +134,10 @@ def bench_training(args, device):
     with tempfile.TemporaryDirectory() as cache:
         train.REF_CACHE = Path(cache)
         train.reference_logps(model, subset, train.weights_fingerprint(model, dtype), 2 * args.batch_size, device, dtype,
-                              row_tokens)
+                              break_even)
         start = time.perf_counter()  # a second run: fingerprint the weights, key the pairs, read the cache
         train.reference_logps(model, subset, train.weights_fingerprint(model, dtype), 2 * args.batch_size, device, dtype,
-                              row_tokens)
+                              break_even)
         hit = time.perf_counter() - start
     row("3. reference cache hit (weights fingerprint included)", f"{hit:.2f} s", "< 1 s", hit < 1)
     return sum(p.numel() * p.element_size() for p in model.parameters())
@@ -167,15 +167,15 @@ def child(args, mode):
     """In a fresh process (run by bench_memory and bench_scaling): the peak memory of two training steps,
     or for mode 'scale', the tokens/s and peak memory of a step on --batch-size random pairs."""
     device = torch.device(args.device)
-    tokenizer, model, pairs, optimizer, batches, row_tokens = setup(args, device)
+    tokenizer, model, pairs, optimizer, batches, break_even = setup(args, device)
     dtype = "bf16" if device.type == "cuda" else "fp32"
     model.train()
     if mode == "scale":  # one micro-batch: a warm-up step, then a timed one
         pairs = random_pairs(args.batch_size, model.config.vocab_size)
         step = [list(range(len(pairs)))]
-        ref = initial_logps(model, pairs, step[0], device, dtype, 2 * 512)
+        ref = initial_logps(model, pairs, step[0], device, dtype, break_even)
         seconds = timed(lambda: train.train_step(model, optimizer, list(model.parameters()), pairs, ref, step,
-                                                 len(pairs), apo_zero_loss, 0.1, device, dtype, 1.0, 2 * 512), 1)
+                                                 len(pairs), apo_zero_loss, 0.1, device, dtype, 1.0, break_even), 1)
         tokens = sum(2 * len(p["prompt"]) + len(p["chosen"]) + len(p["rejected"]) for p in pairs)
         return f"{tokens} {tokens / seconds} {peak_memory(device)}"
     reference = None
@@ -194,9 +194,9 @@ def child(args, mode):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             continue
-        ref = initial_logps(model if reference is None else reference, pairs, indices, device, dtype, row_tokens)
+        ref = initial_logps(model if reference is None else reference, pairs, indices, device, dtype, break_even)
         train.train_step(model, optimizer, list(model.parameters()), pairs, ref, [indices], len(indices),
-                         apo_zero_loss, 0.1, device, dtype, 1.0, row_tokens)
+                         apo_zero_loss, 0.1, device, dtype, 1.0, break_even)
     return peak_memory(device)
 
 

@@ -113,12 +113,11 @@ def pair_report(policy, ref, pairs, loss_fn, beta):
 
 
 def batching(name, model, pairs, args, device):
-    """train.py's batching decision for `model`, measured on the first batch of pairs: its row_tokens."""
+    """train.py's batching decision for `model`, measured on the first batch of pairs: its break_even."""
     first = list(range(min(args.batch_size, len(pairs))))
-    row_tokens, how = train.choose_row_tokens(model, pairs, first, args.packing, 2 * args.max_length, device,
-                                             args.dtype)
+    break_even, how = train.choose_packing(model, pairs, first, args.packing, device, args.dtype)
     print(f"{name}: batching: {how}")
-    return row_tokens
+    return break_even
 
 
 def evaluate_pairs(args, device):
@@ -138,8 +137,8 @@ def evaluate_pairs(args, device):
             raise preference_data.DataError(
                 f"{path}: its tokenizer or chat template gives other token ids than the reference's ({args.ref}); "
                 "evaluate a checkpoint against the model it was trained from (--ref)")
-        row_tokens = batching(path, model, pairs, args, device)
-        policy = train.pairs_logps(model, pairs, args.batch_size, device, args.dtype, row_tokens).float()
+        break_even = batching(path, model, pairs, args, device)
+        policy = train.pairs_logps(model, pairs, args.batch_size, device, args.dtype, break_even).float()
         reports[path] = pair_report(policy, ref, pairs, LOSSES[args.loss], args.beta)
         del model
     return {"pairs": len(pairs), "dropped": dict(drops + tokenize_drops), "models": reports}

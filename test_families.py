@@ -76,11 +76,11 @@ def test_log_probs_equal_one_sequence_forwards(family):
     train.disable_dropout(model)
     model.eval()
     pairs, _ = train.tokenize_pairs(tokenizer, chat_pairs(6, seed=0), 512, 256)
-    row_tokens, how = train.choose_row_tokens(model, pairs, [0, 1], "auto", 160, torch.device("cpu"), "fp32")
-    assert (row_tokens is None) == (expected == "padded"), how
+    break_even, how = train.choose_packing(model, pairs, [0, 1], "auto", torch.device("cpu"), "fp32")
+    assert (break_even is None) == (expected == "padded"), how
     truth = torch.tensor([[alone(model, p, side) for p in pairs] for side in ("chosen", "rejected")])
     tokens = torch.tensor([[len(p[side]) for p in pairs] for side in ("chosen", "rejected")])
-    for layout in {None, row_tokens}:  # the padded path always, and the packed one where chosen
+    for layout in {None, break_even}:  # the padded path always, and the packed one where chosen
         batch = train.collate(pairs, list(range(6)), "cpu", layout)
         assert layout is None or batch["input_ids"].shape[0] > 1  # several rows of several sequences
         with torch.no_grad():

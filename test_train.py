@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, LlamaConfig
 
 import preference_data
 import train
@@ -247,20 +248,34 @@ def test_batches_cover_every_pair():
     assert batches != train.train_batches(199, batch_size=4, seed=0, epoch=1)  # reshuffled each epoch
 
 
-def test_rows_are_balanced_bounded_and_padded_at_the_end():
+def row_work(lengths, rows, break_even):
+    width = max(sum(lengths[n] for n in row) for row in rows)
+    return len(rows) * width * (1 + width / break_even)
+
+
+def test_rows_weigh_padding_against_attention():
     lengths = [random.Random(i).randint(20, 200) for i in range(32)]
-    rows = train.pack_rows(lengths, 400)
-    assert sorted(n for row in rows for n in row) == list(range(32))
-    filled = [sum(lengths[n] for n in row) for row in rows]
-    assert len(rows) == math.ceil(sum(lengths) / 400) and max(filled) <= 400 + max(lengths)
-    assert sum(lengths) / (len(rows) * max(filled)) > 0.9  # padding to the longest row costs little
+    for break_even in (100, 3000, 30000):
+        rows = train.pack_rows(lengths, break_even)
+        assert sorted(n for row in rows for n in row) == list(range(32))
+        work = row_work(lengths, rows, break_even)
+        # no other row count does less work, its rows filled longest first into the shortest
+        for k in range(1, 33):
+            other = [[] for _ in range(k)]
+            for n in sorted(range(32), key=lambda n: -lengths[n]):
+                min(other, key=lambda row: sum(lengths[m] for m in row)).append(n)
+            assert work <= row_work(lengths, [row for row in other if row], break_even) + 1e-9
+        assert sum(lengths) / (len(rows) * max(sum(lengths[n] for n in row) for row in rows)) > 0.9
+    assert len(train.pack_rows(lengths, 100)) > len(train.pack_rows(lengths, 3000)) > len(train.pack_rows(lengths, 30000))
     assert train.pack_rows(lengths, math.inf) == [sorted(range(32), key=lambda n: -lengths[n])]
 
+
+def test_rows_pad_at_the_end():
     pairs = [{"prompt": [1] * 5, "chosen": [2] * n, "rejected": [3] * (n + 7)} for n in range(1, 5)]
     one_row = train.collate(pairs, [0, 1, 2, 3], "cpu", math.inf)
     assert one_row["input_ids"].shape == (1, one_row["tokens"]) == (1, sum(10 + 2 * n + 7 for n in range(1, 5)))
     packed = train.collate(pairs, [0, 1, 2, 3], "cpu", 40)
-    assert packed["input_ids"].shape[0] == math.ceil(88 / 40) and "attention_mask" not in packed
+    assert 1 < packed["input_ids"].shape[0] < 8 and "attention_mask" not in packed
     for row, positions in zip(packed["input_ids"], packed["position_ids"]):
         real = int((row != 0).sum())  # token 0 is never used above, so it marks the padding
         assert row[:real].ne(0).all() and row[real:].eq(0).all()
@@ -268,6 +283,18 @@ def test_rows_are_balanced_bounded_and_padded_at_the_end():
     padded = train.collate(pairs, [0, 1, 2, 3], "cpu")
     assert padded["input_ids"].shape == (8, 5 + 4 + 7) and "position_ids" not in padded
     assert padded["attention_mask"].sum(1).tolist() == [5 + n for n in range(1, 5)] + [12 + n for n in range(1, 5)]
+
+
+def test_attention_break_even_of_smollm2():
+    """SmolLM2-135M's shape: 2 flops per weight outside the embedding against 4 per query-key pair, layer and
+    attention channel (30 layers of 9 heads of 64)."""
+    config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    block = 576 * (576 + 192 + 192 + 576) + 3 * 576 * 1536 + 2 * 576  # attention, MLP, two norms
+    assert train.attention_break_even(model) == pytest.approx(2 * (30 * block + 576) / (4 * 30 * 576))
+    assert 3000 < train.attention_break_even(model) < 3100
 
 
 # ----------------------------------------------------------------------------- log-probs and the loop
@@ -283,8 +310,8 @@ def naive_logps(model, tokenizer, prompt, completion):
     return token_logps[len(prompt_ids) - 1:].sum().item()
 
 
-@pytest.mark.parametrize("row_tokens", [None, 60, math.inf])
-def test_sequence_logps_equals_naive_computation(tiny_model, row_tokens):
+@pytest.mark.parametrize("break_even", [None, 60, math.inf])
+def test_sequence_logps_equals_naive_computation(tiny_model, break_even):
     tokenizer, model = train.load_model(tiny_model)
     rows = arithmetic_pairs(6)
     for row in rows:
@@ -292,7 +319,7 @@ def test_sequence_logps_equals_naive_computation(tiny_model, row_tokens):
     pairs, _ = train.tokenize_pairs(tokenizer, rows, 512, 256)
     model.eval()
     with torch.no_grad():
-        got = train.sequence_logps(model, train.collate(pairs, list(range(6)), "cpu", row_tokens)).view(2, -1)
+        got = train.sequence_logps(model, train.collate(pairs, list(range(6)), "cpu", break_even)).view(2, -1)
     for i, row in enumerate(rows):
         assert got[0, i].item() == pytest.approx(naive_logps(model, tokenizer, row["prompt"], row["chosen"]), abs=1e-4)
         assert got[1, i].item() == pytest.approx(naive_logps(model, tokenizer, row["prompt"], row["rejected"]), abs=1e-4)
@@ -425,6 +452,11 @@ def test_fingerprint_covers_config_and_attention_implementation(tiny_model, tmp_
     assert train.weights_fingerprint(model, "bf16") != fingerprint
     eager = train.load_model(tiny_model, attn_implementation="eager")[1]
     assert train.weights_fingerprint(eager, "fp32") != fingerprint
+    for weight in (model.get_output_embeddings().weight, model.model.layers[-1].mlp.down_proj.weight):
+        changed = train.load_model(tiny_model)[1]
+        with torch.no_grad():
+            changed.get_parameter(next(n for n, p in model.named_parameters() if p is weight))[-1, -1] += 1e-3
+        assert train.weights_fingerprint(changed, "fp32") != fingerprint
     model.config.rope_parameters["rope_theta"] = 500_000.0  # the same weights, other log-probs
     assert train.weights_fingerprint(model, "fp32") != fingerprint
 

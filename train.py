@@ -81,7 +81,6 @@ def parse_args(argv=None):
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--packing", choices=["auto", "on", "off"], default="auto",
                    help="pack sequences into shared rows: auto packs where measured exact on the model")
-    p.add_argument("--row-tokens", type=int, default=None, help="tokens per packed row (default: 2 x --max-length)")
     p.add_argument("--attn-implementation", default=None,
                    help="transformers' attention kernel, e.g. flash_attention_2 (default: sdpa)")
     p.add_argument("--fsdp", action="store_true", help="shard parameters, gradients and optimizer state")
@@ -243,23 +242,44 @@ def train_batches(n, batch_size, seed, epoch):
     return [order[i:i + batch_size] for i in range(0, n, batch_size)]
 
 
-def pack_rows(lengths, row_tokens):
-    """Sequence indices per row: ceil(total / row_tokens) rows (one for math.inf), filled longest first
-    into the shortest row, so that rows come out nearly equal and little padding is needed."""
-    rows = [[] for _ in range(max(1, math.ceil(sum(lengths) / row_tokens)))]
-    filled = [0] * len(rows)
-    for n in sorted(range(len(lengths)), key=lambda n: -lengths[n]):
-        shortest = filled.index(min(filled))
-        rows[shortest].append(n)
-        filled[shortest] += lengths[n]
-    return [row for row in rows if row]
+def attention_break_even(model):
+    """The row width, in tokens, at which a packed row's attention costs as much as the rest of its forward:
+    2 flops per token per weight outside the embedding, against 4 flops per query-key pair per layer and
+    attention channel under SDPA's dense mask, which computes every pair of the row (the backward doubles
+    both). SmolLM2-135M: 3,070 tokens (3,070 measured on this CPU's profile: 2,860); Llama-3-8B: 27k."""
+    config = unwrap(model).config.get_text_config()
+    heads = config.num_attention_heads
+    channels = heads * (getattr(config, "head_dim", None) or config.hidden_size // heads)
+    weights = sum(p.numel() for p in unwrap(model).parameters())
+    weights -= unwrap(model).get_input_embeddings().weight.numel()
+    return 2 * weights / (4 * config.num_hidden_layers * channels)
 
 
-def collate(pairs, indices, device, row_tokens=None):
+def pack_rows(lengths, break_even):
+    """Sequence indices per row. For k rows, sequences go longest first into the shortest row, so rows come
+    out nearly equal, W tokens wide; the k kept minimises the work k * W * (1 + W / break_even): padding
+    against masked attention, quadratic in W (attention_break_even). math.inf gives one row."""
+    order = sorted(range(len(lengths)), key=lambda n: -lengths[n])
+    best_cost, best_rows = math.inf, None
+    for k in range(1, len(lengths) + 1):
+        if k * lengths[order[0]] * (1 + lengths[order[0]] / break_even) >= best_cost:
+            break  # no row is narrower than the longest sequence: more rows only cost more
+        rows, filled = [[] for _ in range(k)], [0] * k
+        for n in order:
+            shortest = filled.index(min(filled))
+            rows[shortest].append(n)
+            filled[shortest] += lengths[n]
+        cost = k * max(filled) * (1 + max(filled) / break_even)
+        if cost < best_cost:
+            best_cost, best_rows = cost, [row for row in rows if row]
+    return best_rows
+
+
+def collate(pairs, indices, device, break_even=None):
     """One forward's tensors for the chosen of each pair, then the rejected: 2 * len(indices) sequences.
 
-    row_tokens=None: one sequence per row, right-padded, with an attention mask; exact on every causal LM.
-    Otherwise the sequences are packed into rows of about `row_tokens` tokens (pack_rows) with position ids
+    break_even=None: one sequence per row, right-padded, with an attention mask; exact on every causal LM.
+    Otherwise the sequences are packed into rows (pack_rows, sized by `break_even`) with position ids
     restarting at 0 for each, from which transformers masks attention within each sequence (varlen kernels
     under flash attention); a row's padding follows as one more sequence of its own. Either way a row's
     padding comes after its tokens, which a causal model never looks ahead to. Positionally, with no pad id
@@ -269,7 +289,7 @@ def collate(pairs, indices, device, row_tokens=None):
     sequences = [pairs[i]["prompt"] + pairs[i][side] for side in ("chosen", "rejected") for i in indices]
     prompts = [len(pairs[i]["prompt"]) for _ in ("chosen", "rejected") for i in indices]
     lengths = list(map(len, sequences))
-    rows = [[n] for n in range(len(sequences))] if row_tokens is None else pack_rows(lengths, row_tokens)
+    rows = [[n] for n in range(len(sequences))] if break_even is None else pack_rows(lengths, break_even)
     width = max(sum(lengths[n] for n in row) for row in rows)
     input_ids = torch.zeros(len(rows), width, dtype=torch.long)
     position_ids = torch.zeros_like(input_ids)
@@ -290,7 +310,7 @@ def collate(pairs, indices, device, row_tokens=None):
     targets = (torch.tensor(target_rows), torch.tensor(target_cols))
     batch = {"input_ids": input_ids, "labels": input_ids[targets[0], targets[1] + 1],
              "sequence": torch.tensor(sequence)}
-    batch |= {"attention_mask": attention_mask} if row_tokens is None else {"position_ids": position_ids}
+    batch |= {"attention_mask": attention_mask} if break_even is None else {"position_ids": position_ids}
     batch = {k: v.to(device) for k, v in batch.items()}
     return batch | {"targets": tuple(t.to(device) for t in targets), "sequences": len(sequences),
                     "tokens": sum(lengths)}
@@ -302,8 +322,8 @@ def collate(pairs, indices, device, row_tokens=None):
 PACKING_TOL = {"fp32": 1e-5, "bf16": 5e-2}
 
 
-def choose_row_tokens(model, pairs, indices, packing, row_tokens, device, dtype):
-    """The batching for `model` under --packing auto|on|off: (row_tokens for collate, what to print).
+def choose_packing(model, pairs, indices, packing, device, dtype):
+    """The batching for `model` under --packing auto|on|off: (collate's break_even, what to print).
 
     Packing is exact only when nothing carries from one sequence to the next in a row: attention masked per
     sequence by transformers, and no convolution or recurrent state across the row (gated-delta-net and
@@ -311,8 +331,9 @@ def choose_row_tokens(model, pairs, indices, packing, row_tokens, device, dtype)
     families, it is measured on the micro-batch `indices`, no grad, in the training's compute dtype (FSDP's
     bf16 mixed precision allows no other): all its sequences packed in one row against one sequence per row,
     and that row against the same row with its first sequence's tokens reversed, which the sequences after
-    it must not notice. Every process measures the same batch and takes the same decision. With flash attention a micro-batch is one row (varlen kernels, linear in its
-    length); otherwise rows of about `row_tokens` tokens bound SDPA's work, quadratic in a row's length.
+    it must not notice. Every process measures the same batch and takes the same decision. With flash
+    attention a micro-batch is one row (varlen kernels, linear in its length); under SDPA, whose work is
+    quadratic in a row's width, pack_rows weighs that against padding (attention_break_even).
     """
     kind = unwrap(model).config.model_type
     if packing == "off":
@@ -342,9 +363,11 @@ def choose_row_tokens(model, pairs, indices, packing, row_tokens, device, dtype)
             sys.exit(f"error: --packing on: packed sequences mix on {kind} ({measured}); use --packing auto or off")
         return None, f"one padded sequence per row: packed sequences mix on {kind} ({measured})"
     if "flash" in (unwrap(model).config._attn_implementation or ""):
-        row_tokens = math.inf
-    where = "one row per micro-batch" if row_tokens == math.inf else f"rows of about {row_tokens} tokens"
-    return row_tokens, f"packed, {where}: exact on {kind} ({measured})"
+        break_even, where = math.inf, "one row per micro-batch"
+    else:
+        break_even = attention_break_even(model)
+        where = f"rows sized against masked attention, break-even {break_even:.0f} tokens"
+    return break_even, f"packed, {where}: exact on {kind} ({measured})"
 
 
 # ----------------------------------------------------------------------------- log-probs
@@ -504,18 +527,21 @@ def gather_to_all(values):
 # ----------------------------------------------------------------------------- reference log-probs
 
 def weights_fingerprint(model, dtype):
-    """sha256 of the compute dtype, the attention implementation, the model config (its path aside) and every
-    parameter's bytes: which model made a log-prob."""
+    """BLAKE2 (twice as fast as sha256 here) of the compute dtype, the attention implementation, the model
+    config (its path aside) and every parameter's bytes, tied ones once: which model made a log-prob."""
     config = {k: v for k, v in model.config.to_dict().items() if k != "_name_or_path"}
-    h = hashlib.sha256(json.dumps([dtype, model.config._attn_implementation, config], sort_keys=True,
-                                  default=str).encode())
+    h = hashlib.blake2b(json.dumps([dtype, model.config._attn_implementation, config], sort_keys=True,
+                                   default=str).encode(), digest_size=8)
+    hashed = set()
     for name, tensor in model.state_dict().items():
         h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-    return h.hexdigest()[:16]
+        if tensor.data_ptr() not in hashed:
+            hashed.add(tensor.data_ptr())
+            h.update(tensor.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
 
 
-def pairs_logps(model, pairs, batch_size, device, dtype, row_tokens=None):
+def pairs_logps(model, pairs, batch_size, device, dtype, break_even=None):
     """[len(pairs), 2] summed log-probs of (chosen, rejected) under `model`: one no-grad pass in eval mode,
     with training's collate and log-prob code, split across processes and gathered on all."""
     computed = []
@@ -523,7 +549,7 @@ def pairs_logps(model, pairs, batch_size, device, dtype, row_tokens=None):
     model.eval()
     with torch.no_grad(), autocast(device, dtype):
         for indices, real in shard_batches(in_order(len(pairs), batch_size)):
-            logps = sequence_logps(model, collate(pairs, indices, device, row_tokens)).view(2, -1).T.tolist()
+            logps = sequence_logps(model, collate(pairs, indices, device, break_even)).view(2, -1).T.tolist()
             if real:
                 computed += zip(indices, logps)
     model.train(was_training)
@@ -554,7 +580,7 @@ def add_to_cache(path, entries):
         tmp.replace(path)
 
 
-def reference_logps(model, pairs, fingerprint, batch_size, device, dtype, row_tokens=None, desc="reference"):
+def reference_logps(model, pairs, fingerprint, batch_size, device, dtype, break_even=None, desc="reference"):
     """[len(pairs), 2] log pi_ref(chosen), log pi_ref(rejected): from the on-disk cache, else computed.
 
     The cache holds one file per model fingerprint, keyed by each pair's token ids, so any run or
@@ -570,7 +596,7 @@ def reference_logps(model, pairs, fingerprint, batch_size, device, dtype, row_to
     if missing:
         todo = [pairs[i] for i in missing]
         start = time.time()
-        logps = pairs_logps(model, todo, batch_size, device, dtype, row_tokens)
+        logps = pairs_logps(model, todo, batch_size, device, dtype, break_even)
         computed = dict(zip([keys[i] for i in missing], logps.tolist()))
         cache.update(computed)
         tokens = sum(2 * len(p["prompt"]) + len(p["chosen"]) + len(p["rejected"]) for p in todo)
@@ -677,7 +703,7 @@ def load_checkpoint(model, optimizer, scheduler, folder):
 REF_CHECK_TOL = {"fp32": 1e-3, "bf16": 0.25}
 
 
-def reference_gap(model, pairs, ref, indices, device, dtype, row_tokens):
+def reference_gap(model, pairs, ref, indices, device, dtype, break_even):
     """Max |log pi_theta - log pi_ref| / sqrt(completion tokens) over one batch's sequences, in training mode,
     no grad.
 
@@ -685,7 +711,7 @@ def reference_gap(model, pairs, ref, indices, device, dtype, row_tokens):
     or masking that differs from the precompute, and a stale cache. Rounding differences add up like
     sqrt(tokens), a wrong log-prob like tokens: so a whole-sequence mismatch is caught at any length."""
     with torch.no_grad(), autocast(device, dtype):
-        batch = collate(pairs, indices, device, row_tokens)
+        batch = collate(pairs, indices, device, break_even)
         policy = sequence_logps(model, batch).view(2, -1).T.float().cpu()
     tokens = torch.bincount(batch["sequence"].cpu(), minlength=batch["sequences"]).view(2, -1).T
     gap = torch.tensor([((policy - ref[indices]).abs() / tokens.sqrt()).max().item()], device=device)
@@ -695,7 +721,7 @@ def reference_gap(model, pairs, ref, indices, device, dtype, row_tokens):
 
 
 def train_step(model, optimizer, params, pairs, ref, micro_batches, n_pairs, loss_fn, beta, device, dtype,
-               max_grad_norm, row_tokens):
+               max_grad_norm, break_even):
     """One optimizer step over this process's `micro_batches` (lists of pair indices): its metrics.
 
     Chosen and rejected of a micro-batch share one forward. The loss is the mean over the `n_pairs` pairs
@@ -707,7 +733,7 @@ def train_step(model, optimizer, params, pairs, ref, micro_batches, n_pairs, los
     tokens, start = 0, time.time()
     ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
     for k, indices in enumerate(micro_batches):
-        batch = collate(pairs, indices, device, row_tokens)
+        batch = collate(pairs, indices, device, break_even)
         sync = not ddp or k == len(micro_batches) - 1  # DDP: all-reduce gradients on the last one only
         with (contextlib.nullcontext() if sync else model.no_sync()), autocast(device, dtype):
             policy_chosen, policy_rejected = sequence_logps(model, batch).view(2, -1)
@@ -814,14 +840,13 @@ def main(argv=None):
         optimizer = torch.optim.RMSprop(params, lr=args.lr, weight_decay=args.weight_decay)
     scheduler = make_scheduler(optimizer, args.lr_scheduler, int(args.warmup_ratio * total_steps), total_steps)
     # Batching: packed rows where measured exact on this model (the first micro-batch), else padded rows.
-    row_tokens, batching = choose_row_tokens(model, train_pairs, epochs[0][0][0][0], args.packing,
-                                             args.row_tokens or 2 * args.max_length, device, args.dtype)
+    break_even, batching = choose_packing(model, train_pairs, epochs[0][0][0][0], args.packing, device, args.dtype)
     log0(f"batching: {batching}")
     ref_train = torch.zeros(len(train_pairs), 2)
     ref_train[used] = reference_logps(model, [train_pairs[i] for i in used], fingerprint, args.batch_size * 2,
-                                      device, args.dtype, row_tokens, desc="reference (train)")
+                                      device, args.dtype, break_even, desc="reference (train)")
     ref_eval = reference_logps(model, eval_pairs, fingerprint, args.batch_size * 2, device, args.dtype,
-                               row_tokens, desc="reference (eval)")
+                               break_even, desc="reference (eval)")
 
     loss_fn = LOSSES[args.loss]
     step = 0
@@ -845,7 +870,7 @@ def main(argv=None):
                 f.write(json.dumps({"step": step, **record}) + "\n")
 
     def run_eval():
-        policy = pairs_logps(model, eval_pairs, args.batch_size * 2, device, args.dtype, row_tokens)
+        policy = pairs_logps(model, eval_pairs, args.batch_size * 2, device, args.dtype, break_even)
         metrics = pair_metrics(policy, ref_eval, loss_fn, args.beta)
         log({f"eval/{k}": v for k, v in metrics.items()})
         return metrics
@@ -856,7 +881,7 @@ def main(argv=None):
     model.train()
     if step == 0:  # before any update: the initial model's held-out metrics, and the step-0 check
         run_eval()
-        gap = reference_gap(model, train_pairs, ref_train, epochs[0][0][rank()][0], device, args.dtype, row_tokens)
+        gap = reference_gap(model, train_pairs, ref_train, epochs[0][0][rank()][0], device, args.dtype, break_even)
         log({"ref_check/max_abs_diff_per_sqrt_token": gap})
         tol = args.ref_check_tol or REF_CHECK_TOL[args.dtype]
         if not gap <= tol:  # NaN fails too
@@ -869,7 +894,7 @@ def main(argv=None):
         lr = scheduler.get_last_lr()[0]
         try:
             metrics = train_step(model, optimizer, params, train_pairs, ref_train, epochs[epoch][index][rank()],
-                                 n_pairs, loss_fn, args.beta, device, args.dtype, args.max_grad_norm, row_tokens)
+                                 n_pairs, loss_fn, args.beta, device, args.dtype, args.max_grad_norm, break_even)
         except FloatingPointError as e:
             sys.exit(f"error: {e} at step {step + 1}; the last checkpoint in {out} is kept")
         scheduler.step()
