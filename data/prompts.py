@@ -1,8 +1,9 @@
 """Write the demo prompts, data/prompts.jsonl: 250 prompts written for this project, 50 of them held out.
 
 Half carry a checkable ground-truth `answer` (arithmetic, unit conversion, counting, dates, capitals, short
-facts), generated here from fixed seeds; half are open-ended instructions. Each row: id, split, kind,
-prompt, and answer where there is one.
+facts), generated here from fixed seeds; half are open-ended instructions. The eval split is stratified by
+kind: a fifth of each kind, drawn with its own fixed seed. Each row: id, split, kind, prompt, and answer
+where there is one.
 
     python data/prompts.py
 """
@@ -173,6 +174,9 @@ OPEN_ENDED = [
 ]
 
 
+SPLIT_SEED = 0  # the eval split's draw; the prompts and their order come from seed 2024
+
+
 def checkable(rng):
     """125 (kind, prompt, answer) triples, computed, not typed."""
     rows = []
@@ -211,22 +215,25 @@ def checkable(rng):
     return rows
 
 
+def held_out(rows, seed=SPLIT_SEED):
+    """Indices of the eval split, stratified by kind: a fifth of each kind's rows, drawn with `seed`."""
+    rng, by_kind = random.Random(seed), {}
+    for i, row in enumerate(rows):
+        by_kind.setdefault(row["kind"], []).append(i)
+    return {i for kind in sorted(by_kind) for i in rng.sample(by_kind[kind], len(by_kind[kind]) // 5)}
+
+
 def main():
     rng = random.Random(2024)
     rows = [{"kind": k, "prompt": p, "answer": a} for k, p, a in checkable(rng)]
     rows += [{"kind": "open", "prompt": p} for p in OPEN_ENDED]
     assert len(rows) == 250 and len({r["prompt"] for r in rows}) == 250
     rng.shuffle(rows)
-    # 50 held out: 25 checkable and 25 open-ended.
-    held_out, counts = set(), {"open": 0, "checkable": 0}
-    for i, row in enumerate(rows):
-        group = "open" if row["kind"] == "open" else "checkable"
-        if counts[group] < 25:
-            counts[group] += 1
-            held_out.add(i)
+    eval_rows = held_out(rows)
+    assert len(eval_rows) == 50
     with open(Path(__file__).parent / "prompts.jsonl", "w") as f:
         for i, row in enumerate(rows):
-            f.write(json.dumps({"id": f"demo-{i:03d}", "split": "eval" if i in held_out else "train", **row}) + "\n")
+            f.write(json.dumps({"id": f"demo-{i:03d}", "split": "eval" if i in eval_rows else "train", **row}) + "\n")
 
 
 if __name__ == "__main__":
