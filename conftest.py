@@ -47,8 +47,9 @@ def make_tiny_model(folder, seed=0, config_class=None, **config):
     torch.manual_seed(seed)
     sizes = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False)
-    config = (config_class or LlamaConfig)(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
-                                           pad_token_id=tokenizer.pad_token_id, bos_token_id=None, **(sizes | config))
+    config = (config_class or LlamaConfig)(**{"vocab_size": len(tokenizer)} | sizes | config,
+                                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                           bos_token_id=None)
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return str(folder)

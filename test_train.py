@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 import preference_data
 import train
 from apo import LOSSES
-from conftest import arithmetic_pairs, write_jsonl
+from conftest import arithmetic_pairs, make_tiny_model, write_jsonl
 
 HERE = Path(__file__).resolve().parent
 
@@ -500,12 +500,15 @@ def torchrun(tmp_path, tiny_model, out, *extra, rows=None, per_rank_cache=False)
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp", "fsdp-bf16"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp", "fsdp-bf16", "fsdp-tied"])
 def test_two_processes_match_one(tmp_path, tiny_model, ref_cache, mode):
     """torchrun x2 (gloo) takes the same optimizer step as one process over the same four pairs; FSDP with
-    bf16 mixed precision (bf16 compute, float32 reduction and master weights) within bf16's tolerance."""
+    bf16 mixed precision (bf16 compute, float32 reduction and master weights) within bf16's tolerance; FSDP
+    on tied embeddings (whose embedding gradient it takes sparse) exactly."""
     common = ["--batch-size", "1", "--max-steps", "1"]
-    flags = {"ddp": [], "fsdp": ["--fsdp"], "fsdp-bf16": ["--fsdp", "--dtype", "bf16"]}[mode]
+    flags = {"ddp": [], "fsdp": ["--fsdp"], "fsdp-bf16": ["--fsdp", "--dtype", "bf16"], "fsdp-tied": ["--fsdp"]}[mode]
+    if mode == "fsdp-tied":
+        tiny_model = make_tiny_model(tmp_path / "tied", tie_word_embeddings=True)
     two = torchrun(tmp_path, tiny_model, tmp_path / "two", *common, "--grad-accum", "2", *flags)
     _, one = run_train(tmp_path, tiny_model, "one", *common, "--grad-accum", "4", rows=arithmetic_pairs(4))
     step_two, step_one = [[m for m in ms if "loss" in m][0] for ms in (two, one)]

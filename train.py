@@ -482,6 +482,12 @@ def wrap_model(model, fsdp, dtype, device):
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         full = model.state_dict() if rank() == 0 else {}  # before sharding: rank 0's one full copy
+        embedding = model.get_input_embeddings()
+        if isinstance(embedding, torch.nn.Embedding) and embedding.weight is model.get_output_embeddings().weight:
+            # Tied: the root keeps the gathered weight and the LM head's dense gradient through the backward;
+            # a sparse gradient (the batch's rows) adds the embedding's share into it without a second
+            # vocabulary-sized buffer at the backward's end, where every block's gradient is held too.
+            embedding.sparse = True
         bf16 = dtype == "bf16"
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
                                       reduce_dtype=torch.float32 if bf16 else None)
@@ -644,7 +650,9 @@ def save_checkpoint(model, tokenizer, optimizer, scheduler, state, folder):
     dcp.save(get_optimizer_state_dict(model, optimizer), checkpoint_id=tmp / "optimizer")
     weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank() == 0:
-        unwrap(model).save_pretrained(tmp, state_dict=weights)
+        # gathered one key at a time, a tied weight comes back as two tensors: keep the key save_pretrained keeps
+        unique = {name for name, _ in unwrap(model).named_parameters()} | set(dict(unwrap(model).named_buffers()))
+        unwrap(model).save_pretrained(tmp, state_dict={k: v for k, v in weights.items() if k in unique})
         tokenizer.save_pretrained(tmp)
         rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
