@@ -47,7 +47,7 @@ def setup(args, device):
     tokenizer, model = train.load_model(args.model, device)
     train.disable_dropout(model)
     rows, _ = preference_data.load_pairs(HERE / "data" / "clair_train.jsonl")
-    pairs, _ = train.tokenize_pairs(tokenizer, rows, 384, 192)
+    pairs, _ = train.tokenize_pairs(tokenizer, rows, 512, 192)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-7)
     batches = train.train_batches(len(pairs), args.batch_size, 0, 0)
     break_even, _ = train.choose_packing(model, pairs, batches[0], "auto", device,

@@ -14,6 +14,7 @@ in flight. The exit status is non-zero when any row failed.
 """
 
 import argparse
+import difflib
 import hashlib
 import json
 import math
@@ -608,6 +609,14 @@ def jaccard(a, b):
     return len(ta & tb) / len(ta | tb) if ta | tb else 1.0
 
 
+def copy_ratio(chosen, rejected):
+    """The share of the rejected answer's words that the chosen one keeps, in order (difflib's matching
+    blocks over whitespace-separated words): 1.0 for an untouched answer, near 0 for a fresh one."""
+    kept, words = rejected.split(), chosen.split()
+    matcher = difflib.SequenceMatcher(None, kept, words, autojunk=False)
+    return sum(block.size for block in matcher.get_matching_blocks()) / max(1, len(kept))
+
+
 def contrastiveness(path):
     """Table 1's column for one pair file."""
     pairs = [tuple(split_completion(row, field, f"{path}:{number}")[1] for field in ("chosen", "rejected"))
@@ -619,6 +628,7 @@ def contrastiveness(path):
         "pairs": n,
         "jaccard (higher = more contrastive)": sum(jaccard(c, r) for c, r in pairs) / n,
         "levenshtein (lower = more contrastive)": sum(levenshtein(c, r) for c, r in pairs) / n,
+        "copy ratio (higher = more contrastive)": sum(copy_ratio(c, r) for c, r in pairs) / n,
         "chosen length (chars)": sum(len(c) for c, _ in pairs) / n,
         "rejected length (chars)": sum(len(r) for _, r in pairs) / n,
     }

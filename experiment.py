@@ -19,9 +19,9 @@ to three constraints, each checked by code, each fixable by a minimal edit compu
   --sample-tokens), kept where it breaks a constraint.
 - CLAIR chosen: `revise(rejected)`, the exact smallest Levenshtein edit that satisfies every constraint
   (edit distance to a regular language, Wagner 1974): only what is wrong changes.
-- Stronger-Preferred chosen: `revise(fresh)`, where `fresh` is the fixed short answer per base question in
-  data/revisions.jsonl (written once, as the bundled data's Stronger-Preferred answer, "without regard to the
-  student's" answer: data/README.md), with the constraints applied. It never sees this experiment's samples
+- Stronger-Preferred chosen: `revise(fresh)`, where `fresh` is the fixed answer per base question in
+  data/fresh.jsonl (written once, as the bundled data's Stronger-Preferred answer, from the prompt alone:
+  data/README.md), with the constraints applied. It never sees this experiment's samples
   for the constrained prompts; it is right and fluent, but shares little text with the rejected side. SmolLM2's own greedy answer was not used:
   it would be neither stronger nor independent of the student.
 - Arms: CLAIR x {DPO, APO-zero, APO-down}, Stronger Preferred x {APO-zero, DPO}, each a `train.main` run with
@@ -161,7 +161,7 @@ def constraint_sets(rng, markers):
 
 def build_prompts(args):
     """Constrained prompts: train (the pool the pairs come from), val (tuning) and test (held-out questions)."""
-    fresh = {row["id"]: row["fresh"] for _, row in read_jsonl(HERE / "data" / "revisions.jsonl")}
+    fresh = {row["id"]: row["fresh"] for _, row in read_jsonl(HERE / "data" / "fresh.jsonl")}
     base = [row for _, row in read_jsonl(HERE / "data" / "prompts.jsonl")]
     rng = random.Random(2024)
     pool = rng.sample([r for r in base if r["split"] == "train"], args.train_questions + args.val_questions)

@@ -75,7 +75,7 @@ def parse_args(argv=None):
     p.add_argument("--max-steps", type=int, default=12, help="stop after this many optimizer steps (0: no limit)")
     p.add_argument("--batch-size", type=int, default=2, help="pairs per micro-batch, per process")
     p.add_argument("--grad-accum", type=int, default=4, help="micro-batches per optimizer step")
-    p.add_argument("--max-length", type=int, default=384, help="prompt + completion tokens")
+    p.add_argument("--max-length", type=int, default=512, help="prompt + completion tokens")
     p.add_argument("--max-prompt-length", type=int, default=192)
     p.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="default: bf16 on CUDA, else fp32")
     p.add_argument("--gradient-checkpointing", action="store_true")
