@@ -182,7 +182,8 @@ def read_prompts(path):
 
 
 def generations(args, rows, device):
-    """Answers of the reference and each checkpoint to the prompts, same decoding; accuracy by match, length."""
+    """Answers of the reference and each checkpoint to the prompts, same decoding; accuracy by match, length,
+    and the share of answers cut by --max-new-tokens (their length is a lower bound)."""
     keyed = [i for i, r in enumerate(rows) if r["answer"] is not None]
     report = {"answered": len(rows), "with_answer_key": len(keyed), "models": {}}
     answers = {}
@@ -190,11 +191,16 @@ def generations(args, rows, device):
         tokenizer, model = train.load_model(path, device)
         model.eval()
         torch.manual_seed(0)
-        answers[path] = texts = [a for start in range(0, len(rows), args.batch_size) for a in generate(
-            model, tokenizer, [r["prompt"] for r in rows[start:start + args.batch_size]], args.max_new_tokens,
-            args.temperature)[0]]
+        texts, reasons = [], []
+        for start in range(0, len(rows), args.batch_size):
+            batch = generate(model, tokenizer, [r["prompt"] for r in rows[start:start + args.batch_size]],
+                             args.max_new_tokens, args.temperature)
+            texts += batch[0]
+            reasons += batch[1]
+        answers[path] = texts
         del model
-        scores = {"mean_answer_chars": sum(map(len, texts)) / len(texts)}
+        scores = {"mean_answer_chars": sum(map(len, texts)) / len(texts),
+                  "cut_at_max_new_tokens": reasons.count("length") / len(reasons)}
         if keyed:
             scores["accuracy_match"] = sum(matches(texts[i], rows[i]["answer"]) for i in keyed) / len(keyed)
         report["models"][path] = scores
