@@ -469,7 +469,8 @@ def rank0_first():
 
 
 def wrap_model(model, fsdp, dtype, device):
-    """Data parallel from rank 0's weights: DDP, or FSDP2 (fully_shard each transformer block, then the root).
+    """Data parallel from rank 0's weights: DDP, or FSDP2 (fully_shard each transformer block, untied
+    embedding and LM head, then the root).
 
     The other processes bring a meta-device model (load_model with weights=False) and get storage here.
     DDP broadcasts rank 0's parameters and buffers itself. FSDP keeps one shard of each parameter per
@@ -483,12 +484,6 @@ def wrap_model(model, fsdp, dtype, device):
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         full = model.state_dict() if rank() == 0 else {}  # before sharding: rank 0's one full copy
-        embedding = model.get_input_embeddings()
-        if isinstance(embedding, torch.nn.Embedding) and embedding.weight is model.get_output_embeddings().weight:
-            # Tied: the root keeps the gathered weight and the LM head's dense gradient through the backward;
-            # a sparse gradient (the batch's rows) adds the embedding's share into it without a second
-            # vocabulary-sized buffer at the backward's end, where every block's gradient is held too.
-            embedding.sparse = True
         bf16 = dtype == "bf16"
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
                                       reduce_dtype=torch.float32 if bf16 else None)
@@ -496,6 +491,17 @@ def wrap_model(model, fsdp, dtype, device):
         for module in model.modules():
             if type(module).__name__ in blocks:
                 fully_shard(module, mp_policy=policy)
+        embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+        if embedding.weight is not head.weight:
+            # Untied (Llama-3): groups of their own, gathered only while used and each gradient reduced as
+            # soon as it is complete, rather than both held whole by the root through forward and backward.
+            for module in (embedding, head):
+                fully_shard(module, mp_policy=policy)
+        elif isinstance(embedding, torch.nn.Embedding):
+            # Tied: the root holds the gathered weight and the LM head's dense gradient through the backward;
+            # a sparse gradient (the batch's rows) adds the embedding's share into it without a second
+            # vocabulary-sized buffer at the backward's end, where every block's gradient is held too.
+            embedding.sparse = True
         # The root too frees its gathered parameters after each forward: no-grad passes (reference, evaluation)
         # would otherwise leave them in place of the sharded ones the optimizer and state dicts refer to.
         fully_shard(model, mp_policy=policy, reshard_after_forward=True)
