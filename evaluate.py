@@ -43,6 +43,7 @@ same as the reference; wording and extra explanation do not matter. End with [[c
 FROM_TRAINING = {"ref": "model", "loss": "loss", "beta": "beta", "max_length": "max_length",
                  "max_prompt_length": "max_prompt_length", "dtype": "dtype",
                  "attn_implementation": "attn_implementation"}
+PAIRS_ONLY = {"loss", "beta", "max_length", "max_prompt_length"}  # unused by generation (--prompts alone)
 
 
 def parse_args(argv):
@@ -77,6 +78,8 @@ def parse_args(argv):
         if getattr(args, flag) is not None:
             continue
         values = {saved[name] for saved in trained}
+        if len(values) > 1 and not args.data and flag in PAIRS_ONLY:
+            values = {defaults[name]}
         if len(values) > 1:
             p.error(f"the checkpoints were trained with different {name} ({', '.join(sorted(map(repr, values)))}): "
                     f"give --{flag.replace('_', '-')}")

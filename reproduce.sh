@@ -19,6 +19,7 @@ python train.py --loss apo_zero --data data/stronger_train.jsonl --eval-data dat
 python evaluate.py plot $out/dpo_clair $out/apo_zero_clair $out/apo_down_clair $out/apo_zero_stronger \
     --out docs/figure4.png
 models=($out/dpo_clair/final $out/apo_zero_clair/final $out/apo_down_clair/final $out/apo_zero_stronger/final)
-python evaluate.py --model "${models[@]}" --data data/clair_eval.jsonl --out docs/eval_clair_pairs.json
+# rewards and likelihoods do not depend on the loss; eval/loss is reported under APO-zero for every run
+python evaluate.py --model "${models[@]}" --data data/clair_eval.jsonl --loss apo_zero --out docs/eval_clair_pairs.json
 python evaluate.py --model "${models[@]}" --prompts data/prompts_eval.jsonl --max-new-tokens 128 \
     --batch-size 25 --out docs/eval_generation.json

@@ -54,6 +54,11 @@ def test_checkpoints_trained_differently_need_the_flag(trained, capsys):
     assert "trained with different loss ('apo_zero', 'dpo'): give --loss" in capsys.readouterr().err
     results = evaluate.main(["--model", *(str(run / "final") for run in runs), "--data", eval_data, "--loss", "dpo"])
     assert len(results["pairs"]["models"]) == 2
+    prompts = write_jsonl(runs[0].parent / "prompts.jsonl", [{"prompt": "What is 2 plus 3?", "answer": "5"}])
+    results = evaluate.main(["--model", *(str(run / "final") for run in runs), "--prompts", prompts,
+                             "--max-new-tokens", "4"])  # generation alone uses no loss: no flag needed
+    scores = results["generation"]["models"][str(runs[0] / "final")]
+    assert len(results["generation"]["models"]) == 3 and 0 <= scores["cut_at_max_new_tokens"] <= 1
 
 
 def test_a_model_without_training_args_needs_ref(tiny_model, tmp_path, capsys):
