@@ -204,7 +204,7 @@ def test_bad_data_exits_with_the_location(tmp_path, tiny_model):
         train.main(["--model", tiny_model, "--data", str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "o")])
 
 
-@pytest.mark.parametrize("flags", [["--max-prompt-length", "384"], ["--max-length", "100"],
+@pytest.mark.parametrize("flags", [["--max-prompt-length", "512"], ["--max-length", "100"],
                                    ["--max-prompt-length", "0"]])
 def test_length_flags_must_leave_the_completion_room(flags, capsys):
     with pytest.raises(SystemExit):
