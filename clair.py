@@ -612,9 +612,9 @@ def jaccard(a, b):
 def copy_ratio(chosen, rejected):
     """The share of the rejected answer's words that the chosen one keeps, in order (difflib's matching
     blocks over whitespace-separated words): 1.0 for an untouched answer, near 0 for a fresh one."""
-    kept, words = rejected.split(), chosen.split()
-    matcher = difflib.SequenceMatcher(None, kept, words, autojunk=False)
-    return sum(block.size for block in matcher.get_matching_blocks()) / max(1, len(kept))
+    rejected_words, chosen_words = rejected.split(), chosen.split()
+    matcher = difflib.SequenceMatcher(None, rejected_words, chosen_words, autojunk=False)
+    return sum(block.size for block in matcher.get_matching_blocks()) / max(1, len(rejected_words))
 
 
 def contrastiveness(path):

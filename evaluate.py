@@ -84,7 +84,7 @@ def parse_args(argv):
             p.error(f"the checkpoints were trained with different {name} ({', '.join(sorted(map(repr, values)))}): "
                     f"give --{flag.replace('_', '-')}")
         setattr(args, flag, values.pop() if values else defaults[name])
-    if why := train.length_error(args.max_length, args.max_prompt_length):
+    if args.data and (why := train.length_error(args.max_length, args.max_prompt_length)):
         p.error(why)
     return args
 
@@ -196,10 +196,10 @@ def generations(args, rows, device):
         torch.manual_seed(0)
         texts, reasons = [], []
         for start in range(0, len(rows), args.batch_size):
-            batch = generate(model, tokenizer, [r["prompt"] for r in rows[start:start + args.batch_size]],
-                             args.max_new_tokens, args.temperature)
-            texts += batch[0]
-            reasons += batch[1]
+            answered, why_stopped = generate(model, tokenizer, [r["prompt"] for r in rows[start:start + args.batch_size]],
+                                             args.max_new_tokens, args.temperature)
+            texts += answered
+            reasons += why_stopped
         answers[path] = texts
         del model
         scores = {"mean_answer_chars": sum(map(len, texts)) / len(texts),

@@ -245,14 +245,16 @@ def train_batches(n, batch_size, seed, epoch):
 
 def attention_break_even(model):
     """The row width, in tokens, at which a packed row's attention costs as much as the rest of its forward:
-    2 flops per token per weight outside the embedding, against 4 flops per query-key pair per layer and
-    attention channel under SDPA's dense mask, which computes every pair of the row (the backward doubles
-    both). SmolLM2-135M: 3,070 tokens (3,070 measured on this CPU's profile: 2,860); Llama-3-8B: 27k."""
-    config = unwrap(model).config.get_text_config()
+    2 flops per token per weight outside the embedding and the LM head (which runs at targets only), against
+    4 flops per query-key pair per layer and attention channel under SDPA's dense mask, which computes every
+    pair of the row (the backward doubles both). SmolLM2-135M: 3,070 tokens (this CPU's profile: 2,860);
+    Llama-3-8B: 27k."""
+    inner = unwrap(model)
+    config = inner.config.get_text_config()
     heads = config.num_attention_heads
     channels = heads * (getattr(config, "head_dim", None) or config.hidden_size // heads)
-    weights = sum(p.numel() for p in unwrap(model).parameters())
-    weights -= unwrap(model).get_input_embeddings().weight.numel()
+    vocabulary = {id(m.weight): m.weight.numel() for m in (inner.get_input_embeddings(), inner.get_output_embeddings())}
+    weights = sum(p.numel() for p in inner.parameters()) - sum(vocabulary.values())
     return 2 * weights / (4 * config.num_hidden_layers * channels)
 
 
@@ -546,14 +548,19 @@ def weights_fingerprint(model, dtype):
     config = {k: v for k, v in model.config.to_dict().items() if k != "_name_or_path"}
     weights = {}
     for name, tensor in model.state_dict().items():
-        weights.setdefault(tensor.data_ptr(), (name, tensor.cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
-    chunks = [(name, data[i:i + 2 ** 24]) for name, data in weights.values() for i in range(0, len(data), 2 ** 24)]
-    with ThreadPoolExecutor(os.cpu_count()) as pool:
-        digests = pool.map(lambda chunk: hashlib.blake2b(chunk[1], digest_size=16).digest(), chunks)
+        weights.setdefault(tensor.data_ptr(), (name, tensor.reshape(-1).view(torch.uint8)))
+    chunks = [(name, data, i) for name, data in weights.values() for i in range(0, len(data), 2 ** 24)]
+
+    def digest(chunk):  # only a chunk at a time leaves the device
+        _, data, start = chunk
+        return hashlib.blake2b(data[start:start + 2 ** 24].cpu().numpy(), digest_size=16).digest()
+
+    with ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool:
+        digests = pool.map(digest, chunks)
     h = hashlib.blake2b(json.dumps([dtype, model.config._attn_implementation, config], sort_keys=True,
                                    default=str).encode(), digest_size=8)
-    for (name, _), digest in zip(chunks, digests):
-        h.update(name.encode() + digest)
+    for (name, _, _), chunk_digest in zip(chunks, digests):
+        h.update(name.encode() + chunk_digest)
     return h.hexdigest()
 
 

@@ -37,6 +37,8 @@ def read(name):
 
 
 def quantiles(values):
+    if len(values) < 2:
+        return f"{len(values)} values: {values}"
     q = statistics.quantiles(values, n=4)
     return f"median {q[1]:.3g} (quartiles {q[0]:.3g}-{q[2]:.3g}), min {min(values):.3g}"
 
@@ -44,6 +46,8 @@ def quantiles(values):
 def main():
     prompts, samples = read("prompts.jsonl"), read("smollm2_samples.jsonl")
     revisions, fresh = read("revisions.jsonl"), read("fresh.jsonl")
+    if missing := sorted(set(prompts) - set(samples)):
+        sys.exit(f"no sample for {missing[:5]} ...")
     outputs = {f"{kind}_{split}": [] for kind in ("clair", "stronger", "prompts") for split in ("train", "eval")}
     dropped = Counter()
     for pid, prompt in prompts.items():
