@@ -2,6 +2,7 @@
 
     python bench_scale.py           # a random 231M Llama (hidden 1024, 16 layers, tied embeddings), float32
     python bench_scale.py --tiny    # the same table on the tiny test Llama, in about a minute
+    python bench_scale.py --untied  # the 231M Llama with an LM head of its own (281M parameters)
 
 Each run is train.py itself (train.main), two optimizer steps of one short pair per process with a
 checkpoint after each, then the same run resumed from its first checkpoint. Inside every process
@@ -90,6 +91,7 @@ def run(mode, train_args, folder, resume):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="the tiny test Llama instead of the 231M one")
+    p.add_argument("--untied", action="store_true", help="an LM head of its own, as Llama-3 has")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args, train_args = p.parse_known_args()
     if args.child:
@@ -100,7 +102,7 @@ def main():
     from conftest import arithmetic_pairs, make_tiny_model, write_jsonl
 
     folder = Path(tempfile.mkdtemp(prefix="bench_scale-"))
-    model = make_tiny_model(folder / "model", **({} if args.tiny else SIZE_231M))
+    model = make_tiny_model(folder / "model", **({} if args.tiny else SIZE_231M | {"tie_word_embeddings": not args.untied}))
     train_args = ["--model", model, "--data", write_jsonl(folder / "train.jsonl", arithmetic_pairs(8)),
                   "--eval-data", write_jsonl(folder / "eval.jsonl", arithmetic_pairs(2, seed=1)),
                   "--batch-size", "1", "--grad-accum", "1", "--max-steps", "2", "--save-every", "1"]
