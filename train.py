@@ -248,8 +248,10 @@ def attention_break_even(model):
     2 flops per token per weight outside the embedding and the LM head (which runs at targets only), against
     4 flops per query-key pair per layer and attention channel under SDPA's dense mask, which computes every
     pair of the row (the backward doubles both). SmolLM2-135M: 3,070 tokens (this CPU's profile: 2,860);
-    Llama-3-8B: 27k."""
+    Llama-3-8B: 27k. Flash attention's varlen kernels compute no masked pair: math.inf."""
     inner = unwrap(model)
+    if "flash" in (inner.config._attn_implementation or ""):
+        return math.inf
     config = inner.config.get_text_config()
     heads = config.num_attention_heads
     channels = heads * (getattr(config, "head_dim", None) or config.hidden_size // heads)
@@ -262,17 +264,20 @@ def pack_rows(lengths, break_even):
     """Sequence indices per row. For k rows, sequences go longest first into the shortest row, so rows come
     out nearly equal, W tokens wide; the k kept minimises the work k * W * (1 + W / break_even): padding
     against masked attention, quadratic in W (attention_break_even). math.inf gives one row."""
+    def work(k, width):
+        return k * width * (1 + width / break_even)
+
     order = sorted(range(len(lengths)), key=lambda n: -lengths[n])
     best_cost, best_rows = math.inf, None
     for k in range(1, len(lengths) + 1):
-        if k * lengths[order[0]] * (1 + lengths[order[0]] / break_even) >= best_cost:
+        if work(k, lengths[order[0]]) >= best_cost:
             break  # no row is narrower than the longest sequence: more rows only cost more
         rows, filled = [[] for _ in range(k)], [0] * k
         for n in order:
             shortest = filled.index(min(filled))
             rows[shortest].append(n)
             filled[shortest] += lengths[n]
-        cost = k * max(filled) * (1 + max(filled) / break_even)
+        cost = work(k, max(filled))
         if cost < best_cost:
             best_cost, best_rows = cost, [row for row in rows if row]
     return best_rows
@@ -365,11 +370,9 @@ def choose_packing(model, pairs, indices, packing, device, dtype):
         if packing == "on":
             sys.exit(f"error: --packing on: packed sequences mix on {kind} ({measured}); use --packing auto or off")
         return None, f"one padded sequence per row: packed sequences mix on {kind} ({measured})"
-    if "flash" in (unwrap(model).config._attn_implementation or ""):
-        break_even, where = math.inf, "one row per micro-batch"
-    else:
-        break_even = attention_break_even(model)
-        where = f"rows sized against masked attention, break-even {break_even:.0f} tokens"
+    break_even = attention_break_even(model)
+    where = ("one row per micro-batch" if break_even == math.inf
+             else f"rows sized against masked attention, break-even {break_even:.0f} tokens")
     return break_even, f"packed, {where}: exact on {kind} ({measured})"
 
 
