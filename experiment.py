@@ -42,6 +42,7 @@ import json
 import random
 import shutil
 import sys
+from collections import Counter
 from itertools import combinations
 from pathlib import Path
 
@@ -78,6 +79,19 @@ def broken(text, constraints):
     return ([name for name in ("lowercase", "no_commas") if name in constraints
              and not all(allowed(c, {name: True}) for c in text)]
             + (["end_marker"] if "end_marker" in constraints and not text.endswith(constraints["end_marker"]) else []))
+
+
+def degenerate(text, constraints):
+    """An answer that meets the constraints trivially: with its end marker removed, fewer than 3 letters or
+    digits, or one character making up over half of it ("^^^^^^…", "1000000…")."""
+    body = text.replace(constraints.get("end_marker") or "\0", "").strip()
+    return sum(c.isalnum() for c in body) < 3 or max(Counter(body).values()) > len(body) / 2
+
+
+def substantive_satisfaction(answers, prompts):
+    """The share of answers that satisfy every constraint and are not degenerate."""
+    constraints = {p["id"]: p["constraints"] for p in prompts}
+    return float(np.mean([not a["broken"] and not degenerate(a["answer"], constraints[a["id"]]) for a in answers]))
 
 
 def instruction(question, constraints):
@@ -275,10 +289,41 @@ def mean_interval(values):
     return {"mean": mean, "ci95": [mean - half, mean + half], "n": len(values)}
 
 
+# ----------------------------------------------------------------------------- the report
+
+def summary(results):
+    """The results as markdown tables: every arm beside the untrained model, then CLAIR minus Stronger."""
+    def cell(stat, digits=2):
+        interval = stat["ci95"] and " [{:.{d}f}, {:.{d}f}]".format(*stat["ci95"], d=digits)
+        return f"{stat['mean']:.{digits}f}{interval or ''}"
+
+    base = results["baseline"]["test"]
+    names = list(base["per_constraint"])
+    lines = [f"lr {results['tuning']['chosen_lr']:g} (tuned on validation); test prompts, greedy; mean [95% interval] "
+             f"over {len(next(iter(results['arms'].values()))['seeds'])} seeds",
+             "",
+             "| arm | satisfaction | not degenerate | " + " | ".join(names)
+             + " | answer tokens | Δ held-out log π chosen | rejected |",
+             "|---|---|---|" + "---|" * len(names) + "---|---|---|",
+             f"| untrained | {base['satisfaction']:.2f} | {base['substantive_satisfaction']:.2f} | "
+             + " | ".join(f"{base['per_constraint'][n]:.2f}" for n in names) + f" | {base['answer_tokens']['mean']:.0f} |  |  |"]
+    for arm, r in results["arms"].items():
+        lines.append(f"| {arm} | {cell(r['test_satisfaction'])} | {cell(r['test_substantive_satisfaction'])} | "
+                     + " | ".join(cell(r["test_per_constraint"][n]) for n in names)
+                     + f" | {cell(r['test_answer_tokens'], 0)} | {cell(r['heldout_logps_change']['chosen'], 1)}"
+                     + f" | {cell(r['heldout_logps_change']['rejected'], 1)} |")
+    differences = results["clair_minus_stronger"]
+    lines += ["", "| loss | CLAIR minus Stronger Preferred (paired by seed): satisfaction | not degenerate |",
+              "|---|---|---|"]
+    lines += [f"| {loss} | {cell(differences['satisfaction'][loss])} | {cell(differences['substantive_satisfaction'][loss])} |"
+              for loss in differences["satisfaction"]]
+    return lines
+
+
 # ----------------------------------------------------------------------------- the plot
 
 def plot(results, out, run_folders):
-    """Test satisfaction per arm with 95% intervals, and held-out log-likelihoods (Figure 4), mean over seeds."""
+    """Test satisfaction per arm with 95% intervals, and the change of held-out log-likelihoods (Figure 4)."""
     try:
         import matplotlib
 
@@ -289,10 +334,18 @@ def plot(results, out, run_folders):
         return
     fig, (bars, lines) = plt.subplots(1, 2, figsize=(13, 4.5))
     arms = list(results["arms"])
-    means = [results["arms"][a]["test_satisfaction"]["mean"] for a in arms]
-    errors = np.array([[m - (s["ci95"] or [m, m])[0], (s["ci95"] or [m, m])[1] - m]
-                       for m, s in zip(means, (results["arms"][a]["test_satisfaction"] for a in arms))]).T
+
+    def mean_and_errors(key):
+        stats = [results["arms"][a][key] for a in arms]
+        return ([st["mean"] for st in stats],
+                np.array([[st["mean"] - (st["ci95"] or [st["mean"]] * 2)[0], (st["ci95"] or [st["mean"]] * 2)[1] - st["mean"]]
+                          for st in stats]).T)
+
+    means, errors = mean_and_errors("test_satisfaction")
     bars.bar(range(len(arms)), means, yerr=errors, capsize=4, color=[f"C{n}" for n in range(len(arms))])
+    means, errors = mean_and_errors("test_substantive_satisfaction")
+    bars.errorbar(range(len(arms)), means, yerr=errors, fmt="D", color="black", capsize=3,
+                  label="satisfied and not degenerate")
     bars.axhline(results["baseline"]["test"]["satisfaction"], color="black", linestyle=":", label="untrained")
     bars.set_xticks(range(len(arms)), arms, rotation=20, fontsize=8)
     bars.set_ylabel("test constraint satisfaction")
@@ -301,10 +354,11 @@ def plot(results, out, run_folders):
         seeds = [evaluate.curves(folder)[1] for folder in run_folders[arm]]
         steps = seeds[0]["logps", "chosen"][0]
         for side, style in (("chosen", "-"), ("rejected", "--")):
-            lines.plot(steps, np.mean([s["logps", side][1] for s in seeds], axis=0), style, color=f"C{n}",
-                       marker="o", markersize=3, label=f"{arm}: {side}")
+            change = [np.subtract(s["logps", side][1], s["logps", side][1][0]) for s in seeds]
+            lines.plot(steps, np.mean(change, axis=0), style, color=f"C{n}", marker="o", markersize=3,
+                       label=f"{arm}: {side}")
     lines.set_xlabel("optimizer step")
-    lines.set_title("held-out log π(y|x), mean over seeds", fontsize=10)
+    lines.set_title("held-out log π(y|x) minus its step-0 value, mean over seeds", fontsize=10)
     lines.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
@@ -381,21 +435,32 @@ def main(argv=None):
     for arm in ARMS:
         seeds = [run(arm, lr, seed, pairs, args, prompts) for seed in range(args.seeds)]
         folders[arm] = [out / "runs" / arm / f"lr{lr:g}-seed{seed}" for seed in range(args.seeds)]
-        finals = [evaluate.curves(f)[1] for f in folders[arm]]
+        logps = [evaluate.curves(f)[1] for f in folders[arm]]
         results["arms"][arm] = {
             "test_satisfaction": mean_interval([s["test"]["satisfaction"] for s in seeds]),
+            "test_substantive_satisfaction": mean_interval([substantive_satisfaction(s["test"]["answers"], prompts)
+                                                            for s in seeds]),
             "test_per_constraint": {name: mean_interval([s["test"]["per_constraint"][name] for s in seeds])
                                     for name in seeds[0]["test"]["per_constraint"]},
-            "final_heldout_logps": {side: mean_interval([c["logps", side][1][-1] for c in finals])
-                                    for side in ("chosen", "rejected")},
+            "test_answer_tokens": mean_interval([s["test"]["answer_tokens"]["mean"] for s in seeds]),
+            "heldout_logps_change": {side: mean_interval([c["logps", side][1][-1] - c["logps", side][1][0] for c in logps])
+                                     for side in ("chosen", "rejected")},
             "seeds": seeds}
+    # The paper's comparison: the same loss on CLAIR against Stronger-Preferred pairs, paired by seed (a seed
+    # draws the same training prompts for both).
+    def clair_minus_stronger(score):
+        return {loss: mean_interval([score(c) - score(s) for c, s in zip(results["arms"][f"clair_{loss}"]["seeds"],
+                                                                          results["arms"][f"stronger_{loss}"]["seeds"])])
+                for loss in ("dpo", "apo_zero")}
+
+    results["clair_minus_stronger"] = {
+        "satisfaction": clair_minus_stronger(lambda run: run["test"]["satisfaction"]),
+        "substantive_satisfaction": clair_minus_stronger(
+            lambda run: substantive_satisfaction(run["test"]["answers"], prompts))}
+    results["baseline"]["test"]["substantive_satisfaction"] = substantive_satisfaction(
+        results["baseline"]["test"]["answers"], prompts)
     write_json(out / "results.json", results)
-    print(f"wrote {out / 'results.json'}")
-    print(f"{'arm':<20} {'test satisfaction':>18}  95% interval        (untrained: "
-          f"{results['baseline']['test']['satisfaction']:.3f}; lr {lr:g})")
-    for arm, r in results["arms"].items():
-        s = r["test_satisfaction"]
-        print(f"{arm:<20} {s['mean']:>18.3f}  {s['ci95'] and '[{:.3f}, {:.3f}]'.format(*s['ci95'])}")
+    print(f"wrote {out / 'results.json'}\n\n" + "\n".join(summary(results)))
     plot(results, out / "experiment.png", folders)
     return results
 

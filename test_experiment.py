@@ -123,3 +123,14 @@ def test_quick_end_to_end(tiny_model, ref_cache, tmp_path):
     stamps = {p: p.stat().st_mtime for p in out.rglob("result.json")}
     experiment.main(["--quick", "--model", tiny_model, "--out", str(out)])
     assert {p: p.stat().st_mtime for p in out.rglob("result.json")} == stamps
+
+
+def test_degenerate_answers_are_flagged():
+    marker = {"end_marker": "^^^"}
+    assert experiment.degenerate("^" * 96, marker) and experiment.degenerate("<~>", {"end_marker": "<~>"})
+    assert experiment.degenerate("1" + "0" * 60, {}) and experiment.degenerate("ok ^^^", marker)
+    assert not experiment.degenerate("64 + 41 = 105^^^", marker)
+    assert not experiment.degenerate("the capital of germany is berlin.", {"lowercase": True})
+    prompts = [{"id": "a", "constraints": marker}, {"id": "b", "constraints": marker}]
+    answers = [{"id": "a", "answer": "^" * 30, "broken": []}, {"id": "b", "answer": "berlin^^^", "broken": []}]
+    assert experiment.substantive_satisfaction(answers, prompts) == 0.5
