@@ -1,6 +1,6 @@
 """A controlled, programmatically checked version of the paper's comparison (issue #16), small enough for a CPU.
 
-    python experiment.py                                  # the full experiment, about 2 h on 2 CPU cores
+    python experiment.py                                  # the full experiment, 1 h 23 min on 2 CPU cores
     python experiment.py --quick --model PATH             # a smoke test of every stage, minutes
     python experiment.py --out runs/experiment            # rerun: finished stages and runs are skipped
 
@@ -31,7 +31,8 @@ to three constraints, each checked by code, each fixable by a minimal edit compu
   validation questions (held out from the training pool, never the test questions); one lr for all arms.
   Steps are fixed by the budget (--epochs over --pairs). The seed-0 runs of the chosen lr are the main runs'.
 - Metrics: constraint satisfaction on test prompts built from held-out base questions, greedy decoding (the
-  untrained model too); answer lengths; Figure-4 held-out log-likelihoods from train.py's eval metrics; means
+  untrained model too), also counting only answers that are not degenerate (the marker repeated meets every
+  constraint: `degenerate`); answer lengths; Figure-4 held-out log-likelihoods from train.py's eval metrics; means
   with 95% t-intervals over seeds.
 - Resumable: every stage writes its file last; a run with a result.json is not rerun; reference log-probs
   come from train.py's cache. Each run's checkpoint is deleted once its answers are written (disk).
