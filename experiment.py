@@ -1,7 +1,7 @@
 """A controlled, programmatically checked version of the paper's comparison (issue #16), small enough for a CPU.
 
     python experiment.py                                  # the full experiment, 1 h 23 min on 2 CPU cores
-    python experiment.py --quick --model PATH             # a smoke test of every stage, minutes
+    python experiment.py --quick --model PATH             # a smoke test of every stage, seconds
     python experiment.py --out runs/experiment            # rerun: finished stages and runs are skipped
 
 The task is following verifiable instructions, IFEval-style: a base question from data/prompts.jsonl plus one
@@ -83,9 +83,9 @@ def broken(text, constraints):
 
 
 def degenerate(text, constraints):
-    """An answer that meets the constraints trivially: with its end marker removed, fewer than 3 letters or
-    digits, or one character making up over half of it ("^^^^^^…", "1000000…")."""
-    body = text.replace(constraints.get("end_marker") or "\0", "").strip()
+    """A trivial answer: with its end marker removed, fewer than 3 letters or digits, or one character making
+    up over half of it ("^^^^^^…", "1000000…"). Repeated phrases are not caught."""
+    body = text.replace(constraints.get("end_marker", ""), "").strip()
     return sum(c.isalnum() for c in body) < 3 or max(Counter(body).values()) > len(body) / 2
 
 
@@ -295,15 +295,15 @@ def mean_interval(values):
 def summary(results):
     """The results as markdown tables: every arm beside the untrained model, then CLAIR minus Stronger."""
     def cell(stat, digits=2):
-        interval = stat["ci95"] and " [{:.{d}f}, {:.{d}f}]".format(*stat["ci95"], d=digits)
-        return f"{stat['mean']:.{digits}f}{interval or ''}"
+        interval = " [{:.{d}f}, {:.{d}f}]".format(*stat["ci95"], d=digits) if stat["ci95"] else ""
+        return f"{stat['mean']:.{digits}f}{interval}"
 
     base = results["baseline"]["test"]
     names = list(base["per_constraint"])
     lines = [f"lr {results['tuning']['chosen_lr']:g} (tuned on validation); test prompts, greedy; mean [95% interval] "
-             f"over {len(next(iter(results['arms'].values()))['seeds'])} seeds",
+             f"over {results['config']['seeds']} seeds",
              "",
-             "| arm | satisfaction | not degenerate | " + " | ".join(names)
+             "| arm | satisfaction | satisfied, not degenerate | " + " | ".join(names)
              + " | answer tokens | Δ held-out log π chosen | rejected |",
              "|---|---|---|" + "---|" * len(names) + "---|---|---|",
              f"| untrained | {base['satisfaction']:.2f} | {base['substantive_satisfaction']:.2f} | "
@@ -314,10 +314,9 @@ def summary(results):
                      + f" | {cell(r['test_answer_tokens'], 0)} | {cell(r['heldout_logps_change']['chosen'], 1)}"
                      + f" | {cell(r['heldout_logps_change']['rejected'], 1)} |")
     differences = results["clair_minus_stronger"]
-    lines += ["", "| loss | CLAIR minus Stronger Preferred (paired by seed): satisfaction | not degenerate |",
-              "|---|---|---|"]
-    lines += [f"| {loss} | {cell(differences['satisfaction'][loss])} | {cell(differences['substantive_satisfaction'][loss])} |"
-              for loss in differences["satisfaction"]]
+    lines += ["", "| loss | CLAIR minus Stronger Preferred: " + " | ".join(differences) + " |",
+              "|---|" + "---|" * len(differences)]
+    lines += [f"| {loss} | " + " | ".join(cell(d[loss]) for d in differences.values()) + " |" for loss in ("dpo", "apo_zero")]
     return lines
 
 
@@ -339,8 +338,8 @@ def plot(results, out, run_folders):
     def mean_and_errors(key):
         stats = [results["arms"][a][key] for a in arms]
         return ([st["mean"] for st in stats],
-                np.array([[st["mean"] - (st["ci95"] or [st["mean"]] * 2)[0], (st["ci95"] or [st["mean"]] * 2)[1] - st["mean"]]
-                          for st in stats]).T)
+                np.array([[st["mean"] - low, high - st["mean"]]
+                          for st in stats for low, high in [st["ci95"] or (st["mean"], st["mean"])]]).T)
 
     means, errors = mean_and_errors("test_satisfaction")
     bars.bar(range(len(arms)), means, yerr=errors, capsize=4, color=[f"C{n}" for n in range(len(arms))])
@@ -372,7 +371,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=train.DEFAULT_MODEL)
     p.add_argument("--out", default="runs/experiment")
-    p.add_argument("--quick", action="store_true", help="tiny sizes for a smoke test: minutes, meaningless numbers")
+    p.add_argument("--quick", action="store_true", help="tiny sizes for a smoke test: seconds, meaningless numbers")
     p.add_argument("--train-questions", type=int, default=112, help="base questions of the training pool")
     p.add_argument("--val-questions", type=int, default=24, help="base questions for tuning lr")
     p.add_argument("--test-questions", type=int, default=48, help="held-out base questions (data/prompts.jsonl eval)")
@@ -435,33 +434,42 @@ def main(argv=None):
     results["arms"], folders = {}, {}
     for arm in ARMS:
         seeds = [run(arm, lr, seed, pairs, args, prompts) for seed in range(args.seeds)]
+        for result in seeds:  # computed from the stored answers, so that earlier runs' results serve too
+            result["test"]["substantive_satisfaction"] = substantive_satisfaction(result["test"]["answers"], prompts)
         folders[arm] = [out / "runs" / arm / f"lr{lr:g}-seed{seed}" for seed in range(args.seeds)]
         logps = [evaluate.curves(f)[1] for f in folders[arm]]
         results["arms"][arm] = {
             "test_satisfaction": mean_interval([s["test"]["satisfaction"] for s in seeds]),
-            "test_substantive_satisfaction": mean_interval([substantive_satisfaction(s["test"]["answers"], prompts)
-                                                            for s in seeds]),
+            "test_substantive_satisfaction": mean_interval([s["test"]["substantive_satisfaction"] for s in seeds]),
             "test_per_constraint": {name: mean_interval([s["test"]["per_constraint"][name] for s in seeds])
                                     for name in seeds[0]["test"]["per_constraint"]},
             "test_answer_tokens": mean_interval([s["test"]["answer_tokens"]["mean"] for s in seeds]),
             "heldout_logps_change": {side: mean_interval([c["logps", side][1][-1] - c["logps", side][1][0] for c in logps])
                                      for side in ("chosen", "rejected")},
             "seeds": seeds}
-    # The paper's comparison: the same loss on CLAIR against Stronger-Preferred pairs, paired by seed (a seed
-    # draws the same training prompts for both).
-    def clair_minus_stronger(score):
-        return {loss: mean_interval([score(c) - score(s) for c, s in zip(results["arms"][f"clair_{loss}"]["seeds"],
-                                                                          results["arms"][f"stronger_{loss}"]["seeds"])])
-                for loss in ("dpo", "apo_zero")}
+    # The paper's comparison: the same loss on CLAIR against Stronger-Preferred pairs. Over seeds, paired by seed
+    # (a seed draws the same training prompts for both); and over test prompts, each prompt's mean over seeds,
+    # which also counts the chance of which prompts were drawn for testing (the seeds share them).
+    constraints = {p["id"]: p["constraints"] for p in prompts}
+    scores = {"satisfaction": lambda a: not a["broken"],
+              "satisfied, not degenerate": lambda a: not a["broken"] and not degenerate(a["answer"], constraints[a["id"]])}
+
+    def per_seed(arm, score):
+        return [np.mean([score(a) for a in s["test"]["answers"]]) for s in results["arms"][arm]["seeds"]]
+
+    def per_prompt(arm, score):
+        return np.mean([[score(a) for a in s["test"]["answers"]] for s in results["arms"][arm]["seeds"]], axis=0)
 
     results["clair_minus_stronger"] = {
-        "satisfaction": clair_minus_stronger(lambda run: run["test"]["satisfaction"]),
-        "substantive_satisfaction": clair_minus_stronger(
-            lambda run: substantive_satisfaction(run["test"]["answers"], prompts))}
+        f"{name}, {over}": {loss: mean_interval(np.subtract(by(f"clair_{loss}", score), by(f"stronger_{loss}", score)))
+                            for loss in ("dpo", "apo_zero")}
+        for name, score in scores.items() for over, by in (("over seeds", per_seed), ("over test prompts", per_prompt))}
     results["baseline"]["test"]["substantive_satisfaction"] = substantive_satisfaction(
         results["baseline"]["test"]["answers"], prompts)
     write_json(out / "results.json", results)
-    print(f"wrote {out / 'results.json'}\n\n" + "\n".join(summary(results)))
+    table = "\n".join(summary(results))
+    (out / "table.md").write_text(table + "\n")
+    print(f"wrote {out / 'results.json'} and {out / 'table.md'}\n\n{table}")
     plot(results, out / "experiment.png", folders)
     return results
 
