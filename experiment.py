@@ -89,10 +89,15 @@ def degenerate(text, constraints):
     return sum(c.isalnum() for c in body) < 3 or max(Counter(body).values()) > len(body) / 2
 
 
+def substantive(answer, constraints):
+    """Does a stored answer ({"answer", "broken"}) satisfy every constraint without being degenerate?"""
+    return not answer["broken"] and not degenerate(answer["answer"], constraints)
+
+
 def substantive_satisfaction(answers, prompts):
     """The share of answers that satisfy every constraint and are not degenerate."""
     constraints = {p["id"]: p["constraints"] for p in prompts}
-    return float(np.mean([not a["broken"] and not degenerate(a["answer"], constraints[a["id"]]) for a in answers]))
+    return float(np.mean([substantive(a, constraints[a["id"]]) for a in answers]))
 
 
 def instruction(question, constraints):
@@ -316,7 +321,8 @@ def summary(results):
     differences = results["clair_minus_stronger"]
     lines += ["", "| loss | CLAIR minus Stronger Preferred: " + " | ".join(differences) + " |",
               "|---|" + "---|" * len(differences)]
-    lines += [f"| {loss} | " + " | ".join(cell(d[loss]) for d in differences.values()) + " |" for loss in ("dpo", "apo_zero")]
+    losses = next(iter(differences.values()))
+    lines += [f"| {loss} | " + " | ".join(cell(d[loss]) for d in differences.values()) + " |" for loss in losses]
     return lines
 
 
@@ -452,18 +458,16 @@ def main(argv=None):
     # which also counts the chance of which prompts were drawn for testing (the seeds share them).
     constraints = {p["id"]: p["constraints"] for p in prompts}
     scores = {"satisfaction": lambda a: not a["broken"],
-              "satisfied, not degenerate": lambda a: not a["broken"] and not degenerate(a["answer"], constraints[a["id"]])}
+              "satisfied, not degenerate": lambda a: substantive(a, constraints[a["id"]])}
 
-    def per_seed(arm, score):
-        return [np.mean([score(a) for a in s["test"]["answers"]]) for s in results["arms"][arm]["seeds"]]
-
-    def per_prompt(arm, score):
-        return np.mean([[score(a) for a in s["test"]["answers"]] for s in results["arms"][arm]["seeds"]], axis=0)
+    def per_answer(arm, score):  # [seed, test prompt]
+        return np.array([[score(a) for a in s["test"]["answers"]] for s in results["arms"][arm]["seeds"]], dtype=float)
 
     results["clair_minus_stronger"] = {
-        f"{name}, {over}": {loss: mean_interval(np.subtract(by(f"clair_{loss}", score), by(f"stronger_{loss}", score)))
-                            for loss in ("dpo", "apo_zero")}
-        for name, score in scores.items() for over, by in (("over seeds", per_seed), ("over test prompts", per_prompt))}
+        f"{name}, over {over}": {
+            loss: mean_interval((per_answer(f"clair_{loss}", score) - per_answer(f"stronger_{loss}", score)).mean(axis))
+            for loss in ("dpo", "apo_zero")}
+        for name, score in scores.items() for over, axis in (("seeds", 1), ("test prompts", 0))}
     results["baseline"]["test"]["substantive_satisfaction"] = substantive_satisfaction(
         results["baseline"]["test"]["answers"], prompts)
     write_json(out / "results.json", results)
