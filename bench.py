@@ -15,7 +15,6 @@ Memory rows run in child processes (peak RSS on CPU, peak allocated on CUDA) so 
 
 import argparse
 import json
-import math
 import random
 import subprocess
 import sys
@@ -27,7 +26,12 @@ import torch
 
 import preference_data
 import train
-from apo import apo_zero_loss
+from batching import choose_collate, train_batches
+from batching import padded as padded_rows
+from language_model import DEFAULT_MODEL, autocast, default_dtype, disable_dropout, load_model, tokenize_pairs
+from logprobs import pairs_logps
+from reference_cache import reference_logps, weights_fingerprint
+from testbed import ChatServer, make_tiny_model
 
 HERE = Path(__file__).resolve().parent
 ROWS = []
@@ -41,18 +45,15 @@ def row(measurement, value, target="", met=None):
 def setup(args, device):
     """Model, tokenised bundled pairs, optimizer, and the first optimizer step's micro-batches."""
     if args.tiny:
-        from conftest import make_tiny_model
-
         args.model = make_tiny_model(Path(tempfile.mkdtemp()) / "tiny")
-    tokenizer, model = train.load_model(args.model, device)
-    train.disable_dropout(model)
+    tokenizer, model = load_model(args.model, device)
+    disable_dropout(model)
     rows, _ = preference_data.load_pairs(HERE / "data" / "clair_train.jsonl")
-    pairs, _ = train.tokenize_pairs(tokenizer, rows, 512, 192)
+    pairs, _ = tokenize_pairs(tokenizer, rows, 512, 192)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-7)
-    batches = train.train_batches(len(pairs), args.batch_size, 0, 0)
-    break_even, _ = train.choose_packing(model, pairs, batches[0], "auto", device,
-                                         "bf16" if device.type == "cuda" else "fp32")
-    return tokenizer, model, pairs, optimizer, batches, break_even
+    batches = train_batches(len(pairs), args.batch_size, 0, 0)
+    collate, _ = choose_collate(model, pairs, batches[0], "auto", device, default_dtype(device))
+    return tokenizer, model, pairs, optimizer, batches, collate
 
 
 def padded(pairs, indices, pad_id, device):
@@ -66,13 +67,20 @@ def padded(pairs, indices, pad_id, device):
     return ids.to(device), mask.to(device), ids.masked_fill(mask == 0, -100).to(device)
 
 
-def initial_logps(model, pairs, indices, device, dtype, break_even):
-    """[len(pairs), 2] reference log-probs as train.py caches them, the initial model's own, at `indices`:
-    rewards start at 0. Zeros would put them near -70 and fill the backward with denormal floats, which
-    slow a CPU tenfold."""
-    ref = torch.zeros(len(pairs), 2)
-    ref[indices] = train.pairs_logps(model, [pairs[i] for i in indices], 4, device, dtype, break_even).float()
-    return ref
+def initial_logps(model, pairs, indices, device, dtype, collate):
+    """[len(pairs), 2] reference log-probs as train.py caches them, the initial model's own, at `indices`, on
+    the device: rewards start at 0. Zeros would put them near -70 and fill the backward with denormal floats,
+    which slow a CPU tenfold."""
+    ref = torch.zeros(len(pairs), 2, dtype=torch.float64)
+    ref[indices] = pairs_logps(model, [pairs[i] for i in indices], collate, 4, device, dtype)
+    return ref.to(device)
+
+
+def train_step(model, optimizer, pairs, ref, micro_batches, collate, dtype):
+    """train.py's train_step with the default loss, beta and clipping."""
+    args = train.parse_args(["--dtype", dtype])
+    return train.train_step(model, optimizer, micro_batches, pairs_in_step=sum(map(len, micro_batches)),
+                            collate=lambda indices: collate(pairs, indices, ref.device), ref=ref, args=args)
 
 
 def timed(fn, repeats):
@@ -87,23 +95,21 @@ def timed(fn, repeats):
 
 
 def bench_training(args, device):
-    tokenizer, model, pairs, optimizer, batches, break_even = setup(args, device)
-    dtype = "bf16" if device.type == "cuda" else "fp32"
+    tokenizer, model, pairs, optimizer, batches, collate = setup(args, device)
+    dtype = default_dtype(device)
     step = batches[:args.grad_accum]
-    n_pairs = sum(map(len, step))
-    ref = initial_logps(model, pairs, sorted(i for b in step for i in b), device, dtype, break_even)
+    ref = initial_logps(model, pairs, sorted(i for b in step for i in b), device, dtype, collate)
     log = open(Path(tempfile.mkdtemp()) / "metrics.jsonl", "w")
 
     def full_step():  # exactly what train.py's loop does per step, logging included
-        metrics = train.train_step(model, optimizer, list(model.parameters()), pairs, ref, step, n_pairs,
-                                   apo_zero_loss, 0.1, device, dtype, 1.0, break_even)
+        metrics = train_step(model, optimizer, pairs, ref, step, collate, dtype)
         log.write(json.dumps(metrics) + "\n")
         log.flush()
 
     def bare_step():  # a padded forward+backward with the plain LM loss, and the same optimizer step
         for indices in step:
             ids, mask, labels = padded(pairs, indices, tokenizer.pad_token_id, device)
-            with train.autocast(device, dtype):
+            with autocast(device, dtype):
                 model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -115,29 +121,29 @@ def bench_training(args, device):
 
     for name, data in (("bundled CLAIR pairs", pairs), ("random pairs <= 512 tokens", random_pairs(256))):
         for pairs_per_batch in (args.batch_size, 16):
-            epoch = train.train_batches(len(data), pairs_per_batch, 0, 0)
-            real = sum(train.collate(data, b, "cpu", break_even)["tokens"] for b in epoch)
-            processed = sum(train.collate(data, b, "cpu", break_even)["input_ids"].numel() for b in epoch)
-            right_padded = sum(train.collate(data, b, "cpu")["input_ids"].numel() for b in epoch)
+            epoch = train_batches(len(data), pairs_per_batch, 0, 0)
+            real = sum(collate(data, b, "cpu")["tokens"] for b in epoch)
+            processed = sum(collate(data, b, "cpu")["input_ids"].numel() for b in epoch)
+            right_padded = sum(padded_rows(data, b, "cpu")["input_ids"].numel() for b in epoch)
             row(f"2. padding efficiency, real / processed tokens: {name}, {pairs_per_batch} pairs per micro-batch",
                 f"{real / processed:.3f} (one padded sequence per row would give {real / right_padded:.3f})",
                 ">= 0.90", real / processed >= 0.90)
 
-    train_tps = sum(train.collate(pairs, b, "cpu")["tokens"] for b in step) / t_full
+    train_tps = sum(padded_rows(pairs, b, "cpu")["tokens"] for b in step) / t_full
     subset = pairs[:args.precompute_pairs]
     start = time.perf_counter()
-    train.pairs_logps(model, subset, 2 * args.batch_size, device, dtype, break_even)
+    pairs_logps(model, subset, collate, 2 * args.batch_size, device, dtype)
     elapsed = time.perf_counter() - start
     precompute_tps = sum(2 * len(p["prompt"]) + len(p["chosen"]) + len(p["rejected"]) for p in subset) / elapsed
     row("3. reference precompute / training throughput", f"{precompute_tps:.0f} / {train_tps:.0f} tokens/s = "
         f"{precompute_tps / train_tps:.1f}x", ">= 2.5x", precompute_tps / train_tps >= 2.5)
     with tempfile.TemporaryDirectory() as cache:
-        train.REF_CACHE = Path(cache)
-        train.reference_logps(model, subset, train.weights_fingerprint(model, dtype), 2 * args.batch_size, device, dtype,
-                              break_even)
+        def cached_reference():
+            return reference_logps(model, subset, fingerprint=weights_fingerprint(model, dtype), folder=Path(cache),
+                                   collate=collate, batch_size=2 * args.batch_size, device=device, dtype=dtype)
+        cached_reference()
         start = time.perf_counter()  # a second run: fingerprint the weights, key the pairs, read the cache
-        train.reference_logps(model, subset, train.weights_fingerprint(model, dtype), 2 * args.batch_size, device, dtype,
-                              break_even)
+        cached_reference()
         hit = time.perf_counter() - start
     row("3. reference cache hit (weights fingerprint included)", f"{hit:.2f} s", "< 1 s", hit < 1)
     return sum(p.numel() * p.element_size() for p in model.parameters())
@@ -167,25 +173,24 @@ def child(args, mode):
     """In a fresh process (run by bench_memory and bench_scaling): the peak memory of two training steps,
     or for mode 'scale', the tokens/s and peak memory of a step on --batch-size random pairs."""
     device = torch.device(args.device)
-    tokenizer, model, pairs, optimizer, batches, break_even = setup(args, device)
-    dtype = "bf16" if device.type == "cuda" else "fp32"
+    tokenizer, model, pairs, optimizer, batches, collate = setup(args, device)
+    dtype = default_dtype(device)
     model.train()
     if mode == "scale":  # one micro-batch: a warm-up step, then a timed one
         pairs = random_pairs(args.batch_size, model.config.vocab_size)
         step = [list(range(len(pairs)))]
-        ref = initial_logps(model, pairs, step[0], device, dtype, break_even)
-        seconds = timed(lambda: train.train_step(model, optimizer, list(model.parameters()), pairs, ref, step,
-                                                 len(pairs), apo_zero_loss, 0.1, device, dtype, 1.0, break_even), 1)
+        ref = initial_logps(model, pairs, step[0], device, dtype, collate)
+        seconds = timed(lambda: train_step(model, optimizer, pairs, ref, step, collate, dtype), 1)
         tokens = sum(2 * len(p["prompt"]) + len(p["chosen"]) + len(p["rejected"]) for p in pairs)
         return f"{tokens} {tokens / seconds} {peak_memory(device)}"
     reference = None
     if mode == "live":
-        _, reference = train.load_model(args.model, device)
+        _, reference = load_model(args.model, device)
         reference.eval()
     for indices in batches[:2]:
         if mode == "naive":  # full-vocabulary float32 log-softmax of the padded batch
             ids, mask, labels = padded(pairs, indices, tokenizer.pad_token_id, device)
-            with train.autocast(device, dtype):
+            with autocast(device, dtype):
                 logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
             logps = torch.log_softmax(logits.float(), -1)
             target = labels[:, 1:]
@@ -194,9 +199,8 @@ def child(args, mode):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             continue
-        ref = initial_logps(model if reference is None else reference, pairs, indices, device, dtype, break_even)
-        train.train_step(model, optimizer, list(model.parameters()), pairs, ref, [indices], len(indices),
-                         apo_zero_loss, 0.1, device, dtype, 1.0, break_even)
+        ref = initial_logps(model if reference is None else reference, pairs, indices, device, dtype, collate)
+        train_step(model, optimizer, pairs, ref, [indices], collate, dtype)
     return peak_memory(device)
 
 
@@ -238,8 +242,6 @@ def bench_scaling(args):
 
 def serve(urls, stop):
     """The loopback server, in its own process so that it does not share the client's interpreter lock."""
-    from conftest import ChatServer
-
     with ChatServer(lambda body: "{corrected_student_solution}: ok", delay=0.1) as server:
         urls.put(server.base_url)
         stop.wait()
@@ -284,53 +286,72 @@ def bench_clair():
         row(f"5. Levenshtein, 3,000-character {name}", f"{len(group) / (time.perf_counter() - start):.0f} pairs/s")
 
 
-def gpu_row(label, model, card, peak_flops, rng, args, device):
-    """One row 6: train.py's step on --batch-size pairs of random 1,024-token sequences (128 prompt tokens)."""
+def step_flops(model, pairs):
+    """Model FLOPs of one training step on `pairs` (their chosen and rejected sequences), forward 1/3 and
+    backward 2/3 of each term: 6 per block weight and token; 6 per LM-head weight at completion tokens only,
+    where train.py runs the head; causal attention within each sequence, 6 L^2 per channel and layer for a
+    sequence of L tokens (QK^T and AV, each L^2 / 2 pairs of 2 flops forward)."""
+    config = model.config.get_text_config()
+    heads = config.num_attention_heads
+    channels = heads * (getattr(config, "head_dim", None) or config.hidden_size // heads)
+    embedding, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    vocabulary = {id(w): w.numel() for w in (embedding, head)}
+    blocks = sum(p.numel() for p in model.parameters()) - sum(vocabulary.values())
+    lengths = [len(p["prompt"]) + len(p[side]) for p in pairs for side in ("chosen", "rejected")]
+    completions = sum(len(p[side]) for p in pairs for side in ("chosen", "rejected"))
+    attention = sum(6 * n * n * channels * config.num_hidden_layers for n in lengths)
+    return 6 * blocks * sum(lengths) + 6 * head.numel() * completions + attention
+
+
+# Dense bf16 tensor-core peaks from NVIDIA's datasheets, most specific name first.
+DENSE_BF16_FLOPS = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H200 NVL", 835e12), ("H100", 989e12),
+                    ("H200", 989e12), ("A100", 312e12)]
+
+
+def gpu_row(label, model, card, rng, args, device):
+    """One row 6: train.py's step on --batch-size pairs of random 1,024-token sequences (128 prompt tokens),
+    batched as train.py batches them on this model."""
     vocab = model.config.vocab_size
     seq = lambda n: [rng.randrange(vocab) for _ in range(n)]
     pairs = [{"prompt": seq(128), "chosen": seq(896), "rejected": seq(896)} for _ in range(args.batch_size)]
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-7)
+    step = [list(range(len(pairs)))]
+    collate, how = choose_collate(model, pairs, step[0], "auto", device, "bf16")
     model.train()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    step = [list(range(len(pairs)))]
-    ref = initial_logps(model, pairs, step[0], device, "bf16", math.inf)
-    seconds = timed(lambda: train.train_step(model, optimizer, list(model.parameters()), pairs, ref, step,
-                                             len(pairs), apo_zero_loss, 0.1, device, "bf16", 1.0, math.inf),
-                    args.repeats)
+    ref = initial_logps(model, pairs, step[0], device, "bf16", collate)
+    seconds = timed(lambda: train_step(model, optimizer, pairs, ref, step, collate, "bf16"), args.repeats)
     tokens = 2 * len(pairs) * 1024
-    params = sum(p.numel() for p in model.parameters())
-    mfu = f", MFU {6 * params * tokens / seconds / peak_flops:.1%}" if peak_flops else ""
+    peak_flops = next((flops for name, flops in DENSE_BF16_FLOPS if name in card), None)
+    mfu = f", MFU {step_flops(model, pairs) / seconds / peak_flops:.1%}" if peak_flops else ""
     memory = f", peak {torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GiB" if device.type == "cuda" else ""
-    row(f"6. {label} on {card}, bf16, {2 * len(pairs)} x 1,024 tokens", f"{tokens / seconds:.0f} tokens/s{mfu}{memory}")
+    row(f"6. {label} on {card}, bf16, {2 * len(pairs)} x 1,024 tokens, {how.split(':')[0]}",
+        f"{tokens / seconds:.0f} tokens/s{mfu}{memory}")
 
 
 def bench_gpu(args, device):
-    """Tokens/s, model-FLOPs utilisation (6 x parameters x tokens, attention not counted) and peak memory
-    at bf16, sequences of 1,024 tokens; each model is freed before the next is built."""
+    """Tokens/s, model-FLOPs utilisation (step_flops against the card's dense bf16 peak) and peak memory at
+    bf16, sequences of 1,024 tokens; each model is freed before the next is built."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    dense_bf16_flops = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
     card = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    peak_flops = next((v for k, v in dense_bf16_flops.items() if k in card), None)
     llama_1b = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
                            num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048)
     if args.tiny:  # the same code path in seconds, to check it on a CPU
         llama_1b = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)
-        from conftest import make_tiny_model
-
         args.model = make_tiny_model(Path(tempfile.mkdtemp()) / "tiny")
     stand_in = "tiny stand-in for " if args.tiny else ""
     rng = random.Random(0)
-    gpu_row(f"{stand_in}SmolLM2-135M", train.load_model(args.model, device)[1], card, peak_flops, rng, args, device)
-    gpu_row(f"{stand_in}Llama 1.1B (TinyLlama shape, random)", LlamaForCausalLM(llama_1b).to(device), card,
-            peak_flops, rng, args, device)
+    gpu_row(f"{stand_in}SmolLM2-135M", load_model(args.model, device)[1], card, rng, args, device)
+    gpu_row(f"{stand_in}Llama 1.1B (TinyLlama shape, random)", LlamaForCausalLM(llama_1b).to(device), card, rng,
+            args, device)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=train.DEFAULT_MODEL)
+    p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--tiny", action="store_true", help="a tiny random Llama instead of SmolLM2")
     p.add_argument("--gpu", action="store_true", help="only the GPU throughput rows")
     p.add_argument("--batch-size", type=int, default=2)

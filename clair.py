@@ -28,8 +28,16 @@ from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 
-from preference_data import (DataError, best_vs_worst, cut_torn_line, read_jsonl, read_records, row_id,
-                             split_completion)
+from preference_data import (
+    DataError,
+    as_messages,
+    best_vs_worst,
+    cut_torn_line,
+    read_jsonl,
+    read_records,
+    row_id,
+    split_completion,
+)
 
 # ----------------------------------------------------------------------------- the revision prompt (PAPER.md §1)
 
@@ -104,10 +112,6 @@ def judge(client, task, a, b, temperature=0.0, max_tokens=1024, **options):
 def prompt_text(prompt):
     """The task as text: a string prompt, or the chat messages' contents."""
     return prompt if isinstance(prompt, str) else "\n\n".join(m["content"] for m in prompt)
-
-
-def as_messages(prompt):
-    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
 
 
 # ----------------------------------------------------------------------------- the HTTP client
@@ -389,58 +393,6 @@ def cmd_sample(args):
     return sample_locally(args, jobs, record)
 
 
-def generate(model, tokenizer, prompts, max_tokens, temperature=0.0, top_p=1.0, seeds=None):
-    """(answers, finish reasons) of a local model to a batch of prompts (strings or chat messages).
-
-    A finish reason is "stop" where the model ended its turn (an end-of-sequence token) and "length" where it
-    hit `max_tokens`. Temperature 0 decodes greedily; otherwise each prompt samples with its own generator,
-    seeded by `seeds` (one per prompt; drawn from torch's global generator when None), so that an answer does
-    not depend on the other prompts of its batch.
-
-    The prompts' token ids are train.py's (chat template, its BOS only, the same date), left-padded under an
-    attention mask. A tokenizer without a pad token (Llama-3) pads with its end-of-sequence id."""
-    import torch
-
-    from train import chat_ids
-
-    ids = [chat_ids(tokenizer, as_messages(p), add_generation_prompt=True) for p in prompts]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    width = max(map(len, ids))
-    input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=model.device)
-    attention_mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=model.device)
-    sampling = {}
-    if temperature > 0:
-        seeds = torch.randint(2 ** 62, (len(prompts),)).tolist() if seeds is None else seeds
-        sampling = {"logits_processor": seeded_sampling(seeds, temperature, top_p)}
-    with torch.no_grad():
-        output = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_tokens,
-                                pad_token_id=pad, do_sample=False, **sampling)[:, width:]
-    answers = [a.strip() for a in tokenizer.batch_decode(output, skip_special_tokens=True)]
-    return answers, finish_reasons(model, tokenizer, output)
-
-
-def seeded_sampling(seeds, temperature, top_p):
-    """Logits processors that make greedy decoding sample each row with its own generator: temperature and
-    top-p, then Gumbel noise (the argmax of logits plus Gumbel noise is a sample of their softmax)."""
-    import torch
-    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
-
-    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
-
-    def gumbel_noise(input_ids, scores):
-        uniform = torch.stack([torch.rand(scores.shape[-1], generator=g, dtype=torch.float64) for g in generators])
-        return scores - (-uniform.log()).log().to(scores)
-
-    return LogitsProcessorList([TemperatureLogitsWarper(temperature), TopPLogitsWarper(top_p), gumbel_noise])
-
-
-def finish_reasons(model, tokenizer, output):
-    """"stop" for each row of generated ids that holds an end-of-sequence token, "length" for the others."""
-    eos = model.generation_config.eos_token_id
-    eos = set(eos if isinstance(eos, list) else [tokenizer.eos_token_id if eos is None else eos])
-    return ["stop" if eos & set(row.tolist()) else "length" for row in output]
-
-
 def sample_seed(seed, job_id):
     """The sampling seed of one answer: from --seed and the answer's id alone, so a resumed run repeats it."""
     return int.from_bytes(hashlib.sha256(f"{seed}:{job_id}".encode()).digest()[:8], "big") >> 2
@@ -454,7 +406,7 @@ def sample_locally(args, jobs, record):
     import torch
     from tqdm import tqdm
 
-    from train import load_model
+    from language_model import default_dtype, generate, load_model
 
     skip = {row["id"] for row in written_rows(args.out)}
     todo = [job for job in jobs if job[0] not in skip]
@@ -468,7 +420,7 @@ def sample_locally(args, jobs, record):
             batch = todo[start:start + args.batch_size]
             seeds = [sample_seed(settings["seed"], job_id) for job_id, _ in batch]
             answers, reasons = generate(model, tokenizer, [row["prompt"] for _, (row, _) in batch], args.max_tokens,
-                                        args.temperature, top_p, seeds)
+                                        args.temperature, top_p, seeds, dtype=default_dtype(model.device))
             for (job_id, (row, k)), answer, reason in zip(batch, answers, reasons):
                 out.write({"id": job_id, **record(row, k, answer, {**settings, "finish_reason": reason})})
     print(f"sample: {len(todo)} answers written to {args.out}, {len(skip)} already done")

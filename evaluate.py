@@ -6,8 +6,10 @@
     python evaluate.py plot runs/apo_zero runs/dpo --out figure4.png
 
 The reference (--ref), loss, beta, length limits, dtype and attention implementation default to the
-checkpoints' training args (trainer_state.pt). The reference's log-probs come from train.py's cache when it
-holds them. Tokenisation and log-probs are train.py's own functions.
+checkpoints' training args (trainer_state.json, plain JSON: nothing in a checkpoint runs code). The
+reference's log-probs come from train.py's cache when it holds them; tokenisation, batching and log-probs
+are training's own functions. Generation needs no reference: without --ref, a model that train.py did not
+save is evaluated alone.
 """
 
 import argparse
@@ -21,9 +23,21 @@ from pathlib import Path
 import torch
 
 import preference_data
-import train
+import reference_cache
 from apo import LOSSES
-from clair import ChatClient, FatalRequestError, HelpFormatter, RetriesExhausted, fill, generate, judge, prompt_text
+from batching import choose_collate
+from checkpoints import read_state
+from clair import ChatClient, FatalRequestError, HelpFormatter, RetriesExhausted, fill, judge, prompt_text
+from language_model import (
+    MAX_LENGTH,
+    MAX_PROMPT_LENGTH,
+    default_dtype,
+    generate,
+    load_model,
+    setting_error,
+    tokenize_pairs,
+)
+from logprobs import pair_metrics, pairs_logps
 
 GRADER_PROMPT = """\
 Grade a response against the reference answer to a question. It is correct when its final answer means the \
@@ -39,10 +53,11 @@ same as the reference; wording and extra explanation do not matter. End with [[c
 [[RESPONSE]]"""
 
 
-# Flags that default to the checkpoints' training args: evaluate.py's name -> train.py's.
-FROM_TRAINING = {"ref": "model", "loss": "loss", "beta": "beta", "max_length": "max_length",
-                 "max_prompt_length": "max_prompt_length", "dtype": "dtype",
-                 "attn_implementation": "attn_implementation"}
+# Flags that default to the checkpoints' training args: evaluate.py's name -> (train.py's, the value for a model
+# train.py did not save: train.py's defaults, and the reference given by --ref).
+FROM_TRAINING = {"ref": ("model", None), "loss": ("loss", "apo_zero"), "beta": ("beta", 0.1),
+                 "max_length": ("max_length", MAX_LENGTH), "max_prompt_length": ("max_prompt_length", MAX_PROMPT_LENGTH),
+                 "dtype": ("dtype", None), "attn_implementation": ("attn_implementation", None)}
 PAIRS_ONLY = {"loss", "beta", "max_length", "max_prompt_length"}  # unused by generation (--prompts alone)
 
 
@@ -70,38 +85,34 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if not args.data and not args.prompts:
         p.error("give --data (held-out pairs), --prompts (generation), or both")
-    trained = [saved for saved in map(training_args, args.model) if saved is not None]
-    if args.ref is None and not trained:
-        p.error("--ref: no checkpoint holds train.py's training args (trainer_state.pt); give the reference model")
-    defaults = vars(train.parse_args([]))  # train.py's own, for checkpoints it did not save
-    for flag, name in FROM_TRAINING.items():
+    try:
+        trained = [saved["args"] for saved in map(read_state, args.model) if saved is not None]
+    except preference_data.DataError as e:
+        p.exit(2, f"error: {e}\n")
+    if args.ref is None and not trained and args.data:
+        p.error("--ref: no checkpoint holds train.py's training args (trainer_state.json); give the reference model")
+    for flag, (name, fallback) in FROM_TRAINING.items():
         if getattr(args, flag) is not None:
             continue
         values = {saved[name] for saved in trained}
         if len(values) > 1 and not args.data and flag in PAIRS_ONLY:
-            values = {defaults[name]}
+            values = {fallback}
         if len(values) > 1:
             p.error(f"the checkpoints were trained with different {name} ({', '.join(sorted(map(repr, values)))}): "
                     f"give --{flag.replace('_', '-')}")
-        setattr(args, flag, values.pop() if values else defaults[name])
-    if args.data and (why := train.length_error(args.max_length, args.max_prompt_length)):
+        setattr(args, flag, values.pop() if values else fallback)
+    args.dtype = args.dtype or default_dtype(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    lengths = (args.max_length, args.max_prompt_length) if args.data else (MAX_LENGTH, MAX_PROMPT_LENGTH)
+    if why := setting_error(*lengths, args.attn_implementation, args.dtype):
         p.error(why)
     return args
-
-
-def training_args(checkpoint):
-    """train.py's args saved in a checkpoint's trainer_state.pt, or None for a model train.py did not save."""
-    path = Path(checkpoint) / "trainer_state.pt"
-    if not path.exists():
-        return None
-    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)["args"]  # mmap: optimizer unread
 
 
 # ----------------------------------------------------------------------------- held-out pairs (Figure 4)
 
 def pair_report(policy, ref, pairs, loss_fn, beta):
     """Figure 4's numbers: rewards, raw and per-token log-likelihoods under both models, directions."""
-    report = {f"eval/{k}": v for k, v in train.pair_metrics(policy, ref, loss_fn, beta).items()}
+    report = {f"eval/{k}": v for k, v in pair_metrics(policy, ref, loss_fn, beta).items()}
     for column, side in enumerate(("chosen", "rejected")):
         tokens = torch.tensor([len(p[side]) for p in pairs], dtype=torch.float64)
         delta = (policy[:, column] - ref[:, column]).mean().item()
@@ -116,32 +127,35 @@ def pair_report(policy, ref, pairs, loss_fn, beta):
 
 
 def batching(name, model, pairs, args, device):
-    """train.py's batching decision for `model`, measured on the first batch of pairs: its break_even."""
+    """Training's collate for `model`, chosen as train.py chooses it, on the first batch of pairs."""
     first = list(range(min(args.batch_size, len(pairs))))
-    break_even, how = train.choose_packing(model, pairs, first, args.packing, device, args.dtype)
+    collate, how = choose_collate(model, pairs, first, args.packing, device, args.dtype)
     print(f"{name}: batching: {how}")
-    return break_even
+    return collate
 
 
 def evaluate_pairs(args, device):
     """pair_report for each --model against --ref on --data; the reference's log-probs once (cached)."""
     rows, drops = preference_data.load_pairs(args.data)
-    tokenizer, ref_model = train.load_model(args.ref, device, args.attn_implementation)
-    pairs, tokenize_drops = train.tokenize_pairs(tokenizer, rows, args.max_length, args.max_prompt_length)
+    tokenizer, ref_model = load_model(args.ref, device, args.attn_implementation)
+    pairs, tokenize_drops = tokenize_pairs(tokenizer, rows, args.max_length, args.max_prompt_length)
     if not pairs:
         raise preference_data.DataError(f"{args.data}: no pairs left after truncation")
-    ref = train.reference_logps(ref_model, pairs, train.weights_fingerprint(ref_model, args.dtype), args.batch_size,
-                                device, args.dtype, batching(args.ref, ref_model, pairs, args, device))
+    mode = reference_cache.compute_mode(args.dtype, fsdp=False)
+    ref = reference_cache.reference_logps(
+        ref_model, pairs, fingerprint=reference_cache.weights_fingerprint(ref_model, mode),
+        folder=reference_cache.FOLDER, collate=batching(args.ref, ref_model, pairs, args, device),
+        batch_size=args.batch_size, device=device, dtype=args.dtype)
     del ref_model
     reports = {}
     for path in args.model:
-        policy_tokenizer, model = train.load_model(path, device, args.attn_implementation)
-        if train.tokenize_pairs(policy_tokenizer, rows, args.max_length, args.max_prompt_length)[0] != pairs:
+        policy_tokenizer, model = load_model(path, device, args.attn_implementation)
+        if tokenize_pairs(policy_tokenizer, rows, args.max_length, args.max_prompt_length)[0] != pairs:
             raise preference_data.DataError(
                 f"{path}: its tokenizer or chat template gives other token ids than the reference's ({args.ref}); "
                 "evaluate a checkpoint against the model it was trained from (--ref)")
-        break_even = batching(path, model, pairs, args, device)
-        policy = train.pairs_logps(model, pairs, args.batch_size, device, args.dtype, break_even).float()
+        collate = batching(path, model, pairs, args, device)
+        policy = pairs_logps(model, pairs, collate, args.batch_size, device, args.dtype)
         reports[path] = pair_report(policy, ref, pairs, LOSSES[args.loss], args.beta)
         del model
     return {"pairs": len(pairs), "dropped": dict(drops + tokenize_drops), "models": reports}
@@ -190,14 +204,14 @@ def generations(args, rows, device):
     keyed = [i for i, r in enumerate(rows) if r["answer"] is not None]
     report = {"answered": len(rows), "with_answer_key": len(keyed), "models": {}}
     answers = {}
-    for path in [args.ref, *args.model]:
-        tokenizer, model = train.load_model(path, device)
+    for path in [args.ref, *args.model] if args.ref else args.model:
+        tokenizer, model = load_model(path, device)
         model.eval()
         torch.manual_seed(0)
         texts, reasons = [], []
         for start in range(0, len(rows), args.batch_size):
             answered, why_stopped = generate(model, tokenizer, [r["prompt"] for r in rows[start:start + args.batch_size]],
-                                             args.max_new_tokens, args.temperature)
+                                             args.max_new_tokens, args.temperature, dtype=args.dtype)
             texts += answered
             reasons += why_stopped
         answers[path] = texts
@@ -222,7 +236,7 @@ def judge_generations(client, rows, report, ref):
         keyed = [(row, text) for row, text in zip(rows, answers[path]) if row["answer"] is not None]
         if keyed:
             judged["accuracy_judge"] = [(row["id"], *grade(client, row, text)) for row, text in keyed]
-        if path != ref:
+        if ref and path != ref:
             judged["win_rate_vs_ref"] = [(row["id"], *result)
                                          for row, mine, theirs in zip(rows, answers[path], answers[ref])
                                          for result in pairwise(client, row, mine, theirs)]
@@ -321,7 +335,8 @@ def main(argv=None):
         return plot(argv[1:])
     args = parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    args.dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    if args.ref is None:
+        print("no reference: --model is evaluated alone, and no reference model is compared")
     results = {"model": args.model, "ref": args.ref}
     try:
         rows = read_prompts(args.prompts) if args.prompts else None

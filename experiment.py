@@ -1,4 +1,4 @@
-"""A controlled, programmatically checked version of the paper's comparison (issue #16), small enough for a CPU.
+"""A controlled, programmatically checked version of the paper's comparison, small enough for a CPU.
 
     python experiment.py                                  # the full experiment, 1 h 23 min on 2 CPU cores
     python experiment.py --quick --model PATH             # a smoke test of every stage, seconds
@@ -53,6 +53,7 @@ import torch
 import clair
 import evaluate
 import train
+from language_model import DEFAULT_MODEL, generate, load_model
 from preference_data import read_jsonl
 
 HERE = Path(__file__).resolve().parent
@@ -231,11 +232,11 @@ def write_json(path, value):
 
 def answer(model_path, prompts, args):
     """Greedy answers of a model to the prompts, and their satisfaction and length report."""
-    tokenizer, model = train.load_model(model_path, "cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer, model = load_model(model_path, "cuda" if torch.cuda.is_available() else "cpu")
     model.eval()
     batches = [prompts[start:start + args.gen_batch] for start in range(0, len(prompts), args.gen_batch)]
     texts = [a for batch in batches  # generate returns (answers, finish reasons)
-             for a in clair.generate(model, tokenizer, [p["prompt"] for p in batch], args.gen_tokens)[0]]
+             for a in generate(model, tokenizer, [p["prompt"] for p in batch], args.gen_tokens)[0]]
     tokens = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
     failures = [broken(t, p["constraints"]) for t, p in zip(texts, prompts)]
     per_constraint = {name: float(np.mean([name not in f for f, p in zip(failures, prompts) if name in p["constraints"]]))
@@ -375,7 +376,7 @@ def plot(results, out, run_folders):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=train.DEFAULT_MODEL)
+    p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--out", default="runs/experiment")
     p.add_argument("--quick", action="store_true", help="tiny sizes for a smoke test: seconds, meaningless numbers")
     p.add_argument("--train-questions", type=int, default=112, help="base questions of the training pool")

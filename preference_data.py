@@ -91,6 +91,11 @@ def cut_torn_line(path):
         f.truncate(f.read().rfind(b"\n") + 1)
 
 
+def as_messages(prompt):
+    """A prompt as chat messages: a string is one user turn."""
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+
+
 def _messages(value, where):
     """Check a list of chat messages: each a dict with a string `role` and a string `content`."""
     for i, m in enumerate(value):

@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 
 import clair
-from conftest import SHARED, ChatServer, fixture_rows, replay_reviser, write_jsonl
+import language_model
+from conftest import SHARED, fixture_rows, replay_reviser
+from testbed import ChatServer, write_jsonl
 
 HERE = Path(__file__).resolve().parent
 needs_fixtures = pytest.mark.skipif(not (SHARED / "fixtures").is_dir(),
@@ -340,15 +342,15 @@ def test_local_samples_are_seeded_per_answer_so_a_resumed_run_repeats_them(tmp_p
 def test_local_finish_reason_is_stop_at_end_of_sequence_and_length_at_the_limit(tiny_model):
     import torch
 
-    from train import chat_ids, load_model
+    from language_model import chat_ids, generate, load_model
 
     tokenizer, model = load_model(tiny_model)
     ids = chat_ids(tokenizer, [{"role": "user", "content": "Hi"}], add_generation_prompt=True)
     first = model(torch.tensor([ids])).logits[0, -1].argmax().item()  # the greedy first token
     prompts = ["Hi", "Tell me a long story about a cat and a dog, please."]  # the second starts otherwise
-    assert clair.generate(model, tokenizer, prompts, 4)[1] == ["length", "length"]
+    assert generate(model, tokenizer, prompts, 4)[1] == ["length", "length"]
     model.generation_config.eos_token_id = [tokenizer.eos_token_id, first]  # now "Hi" ends the turn at once
-    answers, reasons = clair.generate(model, tokenizer, prompts, 4)
+    answers, reasons = generate(model, tokenizer, prompts, 4)
     assert reasons == ["stop", "length"] and len(answers[1]) > len(answers[0])
 
 
@@ -375,10 +377,9 @@ def real_server(tmp_path_factory):
     missing = [name for name in ("fastapi", "uvicorn", "openai") if importlib.util.find_spec(name) is None]
     if missing:
         pytest.skip(f"transformers serve needs {', '.join(missing)}: pip install fastapi uvicorn openai")
-    import train
-
+    
     try:
-        model = train.resolve_model(train.DEFAULT_MODEL)
+        model = language_model.resolve_model(language_model.DEFAULT_MODEL)
     except SystemExit as e:
         pytest.skip(f"the embedded model is missing: {e}")
     with socket.socket() as probe:
@@ -444,13 +445,13 @@ def test_a_real_server_refuses_a_wrong_model_or_url_at_once(tmp_path, real_serve
 
 def test_local_generation_without_a_pad_token(tmp_path, padless_model):
     """Llama-3 style: no pad token. Left padding under the attention mask: a batch answers as each prompt alone."""
-    from train import load_model
+    from language_model import generate, load_model
 
     tokenizer, model = load_model(padless_model)
     assert tokenizer.pad_token_id is None
     prompts = ["Hi", [{"role": "user", "content": "Tell me a long story about a cat and a dog, please."}]]
-    alone = [clair.generate(model, tokenizer, [p], 8)[0][0] for p in prompts]
-    assert clair.generate(model, tokenizer, prompts, 8)[0] == alone and alone[0] != alone[1]
+    alone = [generate(model, tokenizer, [p], 8)[0][0] for p in prompts]
+    assert generate(model, tokenizer, prompts, 8)[0] == alone and alone[0] != alone[1]
     prompts_file = write_jsonl(tmp_path / "p.jsonl", [{"id": "p", "prompt": "Hi"}])
     clair.main(["sample", "--model", padless_model, "--in", prompts_file,
                 "--out", str(tmp_path / "s.jsonl"), "--max-tokens", "8", "--temperature", "0"])

@@ -9,8 +9,9 @@ import pytest
 
 import clair
 import evaluate
+import logprobs
 import train
-from conftest import ChatServer, arithmetic_pairs, write_jsonl
+from testbed import ChatServer, arithmetic_pairs, write_jsonl
 
 
 @pytest.fixture
@@ -38,7 +39,7 @@ def test_held_out_metrics_agree_with_train(trained, tiny_model, capsys, give_ref
     assert results["ref"] == tiny_model and results["pairs"]["pairs"] == 6
     last = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
     report = results["pairs"]["models"][str(run / "final")]
-    for name in train.METRICS:
+    for name in logprobs.METRICS:
         assert report[f"eval/{name}"] == pytest.approx(last[f"eval/{name}"], abs=1e-5), name
     chosen = report["chosen"]
     for side in ("chosen", "rejected"):
@@ -65,6 +66,14 @@ def test_a_model_without_training_args_needs_ref(tiny_model, tmp_path, capsys):
     with pytest.raises(SystemExit):
         evaluate.main(["--model", tiny_model, "--data", write_jsonl(tmp_path / "e.jsonl", arithmetic_pairs(2))])
     assert "--ref: no checkpoint holds train.py's training args" in capsys.readouterr().err
+
+
+def test_a_model_without_training_args_generates_alone(tiny_model, tmp_path, capsys):
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "What is 2 plus 3?", "answer": "5"}])
+    results = evaluate.main(["--model", tiny_model, "--prompts", prompts, "--max-new-tokens", "4"])
+    assert "no reference: --model is evaluated alone" in capsys.readouterr().out
+    assert results["ref"] is None and list(results["generation"]["models"]) == [tiny_model]
+    assert list(results["generation"]["samples"][0]) == ["id", tiny_model]
 
 
 def test_a_policy_with_another_tokenizer_is_refused(trained, tmp_path):

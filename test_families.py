@@ -12,8 +12,11 @@ import pytest
 import torch
 import transformers
 
+import batching
+import language_model
+import logprobs
 import train
-from conftest import arithmetic_pairs, make_tiny_model, write_jsonl
+from testbed import arithmetic_pairs, make_tiny_model, write_jsonl
 
 HYBRID = dict(head_dim=8, layer_types=["linear_attention", "full_attention"], linear_num_value_heads=4,
               linear_num_key_heads=2, linear_key_head_dim=8, linear_value_head_dim=8)
@@ -72,19 +75,19 @@ def family(request, tmp_path):
 
 def test_log_probs_equal_one_sequence_forwards(family):
     name, folder, expected = family
-    tokenizer, model = train.load_model(folder)
-    train.disable_dropout(model)
+    tokenizer, model = language_model.load_model(folder)
+    language_model.disable_dropout(model)
     model.eval()
-    pairs, _ = train.tokenize_pairs(tokenizer, chat_pairs(6, seed=0), 512, 256)
-    break_even, how = train.choose_packing(model, pairs, [0, 1], "auto", torch.device("cpu"), "fp32")
-    assert (break_even is None) == (expected == "padded"), how
+    pairs, _ = language_model.tokenize_pairs(tokenizer, chat_pairs(6, seed=0), 512, 256)
+    collate, how = batching.choose_collate(model, pairs, [0, 1], "auto", torch.device("cpu"), "fp32")
+    assert (collate is batching.padded) == (expected == "padded"), how
     truth = torch.tensor([[alone(model, p, side) for p in pairs] for side in ("chosen", "rejected")])
     tokens = torch.tensor([[len(p[side]) for p in pairs] for side in ("chosen", "rejected")])
-    for layout in {None, break_even}:  # the padded path always, and the packed one where chosen
-        batch = train.collate(pairs, list(range(6)), "cpu", layout)
-        assert layout is None or batch["input_ids"].shape[0] > 1  # several rows of several sequences
+    for layout in {batching.padded, collate}:  # the padded path always, and the packed one where chosen
+        batch = layout(pairs, list(range(6)), "cpu")
+        assert layout is batching.padded or batch["input_ids"].shape[0] > 1  # several rows of several sequences
         with torch.no_grad():
-            got = train.sequence_logps(model, batch).view(2, -1).double()
+            got = logprobs.sequence_logps(model, batch).view(2, -1).double()
         assert ((got - truth).abs() / tokens).max() < 1e-5, (name, layout)
 
 
@@ -98,8 +101,8 @@ def test_training_passes_the_step0_check_and_evaluates_exactly(family, tmp_path,
     assert f"batching: {'one padded' if expected == 'padded' else 'packed'}" in capsys.readouterr().out
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert metrics[1]["ref_check/max_abs_diff_per_sqrt_token"] < 1e-4 and metrics[-2]["step"] == 2
-    tokenizer, model = train.load_model(folder)
-    pairs, _ = train.tokenize_pairs(tokenizer, eval_rows, 384, 192)
+    tokenizer, model = language_model.load_model(folder)
+    pairs, _ = language_model.tokenize_pairs(tokenizer, eval_rows, 384, 192)
     for side in ("chosen", "rejected"):
         truth = sum(alone(model, p, side) for p in pairs) / len(pairs)
         assert metrics[0][f"eval/logps/{side}"] == pytest.approx(truth, abs=1e-4), name

