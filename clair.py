@@ -28,16 +28,8 @@ from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 
-from preference_data import (
-    DataError,
-    as_messages,
-    best_vs_worst,
-    cut_torn_line,
-    read_jsonl,
-    read_records,
-    row_id,
-    split_completion,
-)
+from preference_data import (DataError, as_messages, best_vs_worst, cut_torn_line, read_jsonl, read_records, row_id,
+                             split_completion)
 
 # ----------------------------------------------------------------------------- the revision prompt (PAPER.md §1)
 

@@ -28,15 +28,8 @@ from apo import LOSSES
 from batching import choose_collate
 from checkpoints import read_state
 from clair import ChatClient, FatalRequestError, HelpFormatter, RetriesExhausted, fill, judge, prompt_text
-from language_model import (
-    MAX_LENGTH,
-    MAX_PROMPT_LENGTH,
-    default_dtype,
-    generate,
-    load_model,
-    setting_error,
-    tokenize_pairs,
-)
+from language_model import (MAX_LENGTH, MAX_PROMPT_LENGTH, default_dtype, generate, load_model, setting_error,
+                            tokenize_pairs)
 from logprobs import pair_metrics, pairs_logps
 
 GRADER_PROMPT = """\

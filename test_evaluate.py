@@ -230,3 +230,21 @@ def test_help_shows_the_defaults(capsys):
     with pytest.raises(SystemExit):
         evaluate.main(["--help"])
     assert "(default: gpt-4-turbo)" in " ".join(capsys.readouterr().out.split())
+
+
+def test_the_pairwise_judge_swaps_the_order():
+    """A judge that prefers one answer by its content, wherever it stands: a win in both orders. Asked in the
+    same order twice, it would score one win and one loss."""
+    def reply(body):
+        text = body["messages"][-1]["content"]
+        first = text.split("[Answer A]", 1)[1].split("[Answer B]", 1)[0]
+        return "[[A]]" if "good" in first else "[[B]]"
+
+    with ChatServer(reply) as server:
+        client = clair.ChatClient(server.base_url, "judge", "NO_KEY_NEEDED")
+        row = {"prompt": "Say something."}
+        assert [score for score, _ in evaluate.pairwise(client, row, "a good answer", "a bad one")] == [1.0, 1.0]
+        assert [score for score, _ in evaluate.pairwise(client, row, "a bad one", "a good answer")] == [0.0, 0.0]
+        answers = [text.split("[Answer A]")[1].split("[Answer B]")[0].strip()
+                   for text in (r["messages"][-1]["content"] for r in server.requests)]
+    assert answers == ["a good answer", "a bad one", "a bad one", "a good answer"]

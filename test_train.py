@@ -579,3 +579,30 @@ def test_smollm2_cached_reference_equals_a_fresh_forward(ref_cache, capsys):
     for i, row in enumerate(rows):  # one sequence at a time, full logits, full log-softmax, float64
         fresh = [naive_logps(model, tokenizer, row["prompt"], row[side]) for side in ("chosen", "rejected")]
         torch.testing.assert_close(cached[i].double(), torch.tensor(fresh, dtype=torch.float64), atol=2e-3, rtol=0)
+
+
+def test_pairs_that_differ_only_in_the_rejected_side_get_their_own_reference(tiny_model, ref_cache):
+    """Several rejected samples per prompt: each pair is its own cache key, and the cache returns each one's
+    log-probs, not a neighbour's."""
+    _, model = language_model.load_model(tiny_model)
+    language_model.disable_dropout(model)
+    pairs = [{"prompt": [5, 6, 7], "chosen": [40, 41, 42], "rejected": rejected} for rejected in ([60, 61], [70, 71, 72])]
+    assert reference_cache.pair_key(pairs[0]) != reference_cache.pair_key(pairs[1])
+    compute = dict(fingerprint="f", folder=ref_cache, collate=batching.padded, batch_size=1,
+                   device=torch.device("cpu"), dtype="fp32")
+    fresh = logprobs.pairs_logps(model, pairs, batching.padded, 2, torch.device("cpu"), "fp32")
+    for _ in range(2):  # computed, then read back from the cache file
+        cached = reference_cache.reference_logps(model, pairs, **compute)
+        assert torch.equal(cached, fresh) and cached[0, 0] == cached[1, 0] and cached[0, 1] != cached[1, 1]
+    swapped = reference_cache.reference_logps(model, pairs[::-1], **compute)
+    assert torch.equal(swapped, fresh.flip(0))
+
+
+def test_step0_check_fails_on_a_nan_reference(tmp_path, tiny_model, ref_cache):
+    run_train(tmp_path, tiny_model, "first", "--max-steps", "1")
+    (cache_file,) = ref_cache.glob("*.pt")
+    saved = torch.load(cache_file)
+    saved["logps"][:] = float("nan")
+    torch.save(saved, cache_file)
+    with pytest.raises(SystemExit, match="step-0 check failed: policy and cached reference log-probs differ by nan"):
+        run_train(tmp_path, tiny_model, "second", "--max-steps", "1")

@@ -31,29 +31,10 @@ import reference_cache
 from apo import LOSSES
 from batching import choose_collate, train_batches
 from checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint, trim_metrics
-from distributed import (
-    broadcast_object,
-    log0,
-    max_over_processes,
-    rank,
-    rank0_first,
-    setup,
-    sum_over_processes,
-    teardown,
-    world_size,
-    wrap_model,
-)
-from language_model import (
-    DEFAULT_MODEL,
-    MAX_LENGTH,
-    MAX_PROMPT_LENGTH,
-    autocast,
-    default_dtype,
-    disable_dropout,
-    load_model,
-    setting_error,
-    tokenize_pairs,
-)
+from distributed import (broadcast_object, log0, max_over_processes, rank, rank0_first, setup, sum_over_processes,
+                         teardown, world_size, wrap_model)
+from language_model import (DEFAULT_MODEL, MAX_LENGTH, MAX_PROMPT_LENGTH, autocast, default_dtype, disable_dropout,
+                            load_model, setting_error, tokenize_pairs)
 from logprobs import METRICS, pair_metrics, pair_stats, pairs_logps, sequence_logps
 from preference_data import DataError, load_pairs
 
