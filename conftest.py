@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from testbed import ChatServer, arithmetic_pairs, byte_level_tokenizer, make_tiny_model, write_jsonl  # noqa: F401
+from testbed import make_tiny_model
 
 SHARED = Path(__file__).resolve().parent.parent / "shared"
 

@@ -50,6 +50,11 @@ def teardown():
         dist.destroy_process_group()
 
 
+def sharded(fsdp):
+    """Whether wrap_model shards the model: --fsdp under torchrun (one process alone trains unsharded)."""
+    return fsdp and dist.is_initialized()
+
+
 def barrier():
     if dist.is_initialized():
         dist.barrier()

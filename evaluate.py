@@ -95,8 +95,9 @@ def parse_args(argv):
                     f"give --{flag.replace('_', '-')}")
         setattr(args, flag, values.pop() if values else fallback)
     args.dtype = args.dtype or default_dtype(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    lengths = (args.max_length, args.max_prompt_length) if args.data else (MAX_LENGTH, MAX_PROMPT_LENGTH)
-    if why := setting_error(*lengths, args.attn_implementation, args.dtype):
+    max_length, max_prompt_length = (args.max_length, args.max_prompt_length) if args.data else (MAX_LENGTH,
+                                                                                                 MAX_PROMPT_LENGTH)
+    if why := setting_error(max_length, max_prompt_length, args.attn_implementation, args.dtype):
         p.error(why)
     return args
 
@@ -119,10 +120,10 @@ def pair_report(policy, ref, pairs, loss_fn, beta):
     return report
 
 
-def batching(name, model, pairs, args, device):
+def collate_for(name, model, pairs, args, device):
     """Training's collate for `model`, chosen as train.py chooses it, on the first batch of pairs."""
     first = list(range(min(args.batch_size, len(pairs))))
-    collate, how = choose_collate(model, pairs, first, args.packing, device, args.dtype)
+    collate, how = choose_collate(model, pairs, indices=first, packing=args.packing, device=device, dtype=args.dtype)
     print(f"{name}: batching: {how}")
     return collate
 
@@ -130,25 +131,25 @@ def batching(name, model, pairs, args, device):
 def evaluate_pairs(args, device):
     """pair_report for each --model against --ref on --data; the reference's log-probs once (cached)."""
     rows, drops = preference_data.load_pairs(args.data)
-    tokenizer, ref_model = load_model(args.ref, device, args.attn_implementation)
+    tokenizer, ref_model = load_model(args.ref, device, attn_implementation=args.attn_implementation)
     pairs, tokenize_drops = tokenize_pairs(tokenizer, rows, args.max_length, args.max_prompt_length)
     if not pairs:
         raise preference_data.DataError(f"{args.data}: no pairs left after truncation")
     mode = reference_cache.compute_mode(args.dtype, fsdp=False)
     ref = reference_cache.reference_logps(
         ref_model, pairs, fingerprint=reference_cache.weights_fingerprint(ref_model, mode),
-        folder=reference_cache.FOLDER, collate=batching(args.ref, ref_model, pairs, args, device),
+        folder=reference_cache.FOLDER, collate=collate_for(args.ref, ref_model, pairs, args, device),
         batch_size=args.batch_size, device=device, dtype=args.dtype)
     del ref_model
     reports = {}
     for path in args.model:
-        policy_tokenizer, model = load_model(path, device, args.attn_implementation)
+        policy_tokenizer, model = load_model(path, device, attn_implementation=args.attn_implementation)
         if tokenize_pairs(policy_tokenizer, rows, args.max_length, args.max_prompt_length)[0] != pairs:
             raise preference_data.DataError(
                 f"{path}: its tokenizer or chat template gives other token ids than the reference's ({args.ref}); "
                 "evaluate a checkpoint against the model it was trained from (--ref)")
-        collate = batching(path, model, pairs, args, device)
-        policy = pairs_logps(model, pairs, collate, args.batch_size, device, args.dtype)
+        collate = collate_for(path, model, pairs, args, device)
+        policy = pairs_logps(model, pairs, collate=collate, batch_size=args.batch_size, device=device, dtype=args.dtype)
         reports[path] = pair_report(policy, ref, pairs, LOSSES[args.loss], args.beta)
         del model
     return {"pairs": len(pairs), "dropped": dict(drops + tokenize_drops), "models": reports}
@@ -203,7 +204,7 @@ def generations(args, rows, device):
         torch.manual_seed(0)
         texts, reasons = [], []
         for start in range(0, len(rows), args.batch_size):
-            answered, why_stopped = generate(model, tokenizer, [r["prompt"] for r in rows[start:start + args.batch_size]],
+            answered, why_stopped, _ = generate(model, tokenizer, [r["prompt"] for r in rows[start:start + args.batch_size]],
                                              args.max_new_tokens, args.temperature, dtype=args.dtype)
             texts += answered
             reasons += why_stopped

@@ -53,7 +53,7 @@ import torch
 import clair
 import evaluate
 import train
-from language_model import DEFAULT_MODEL, generate, load_model
+from language_model import DEFAULT_MODEL, default_dtype, generate, load_model
 from preference_data import read_jsonl
 
 HERE = Path(__file__).resolve().parent
@@ -236,7 +236,8 @@ def answer(model_path, prompts, args):
     model.eval()
     batches = [prompts[start:start + args.gen_batch] for start in range(0, len(prompts), args.gen_batch)]
     texts = [a for batch in batches  # generate returns (answers, finish reasons)
-             for a in generate(model, tokenizer, [p["prompt"] for p in batch], args.gen_tokens)[0]]
+             for a in generate(model, tokenizer, [p["prompt"] for p in batch], args.gen_tokens,
+                               dtype=default_dtype(model.device))[0]]
     tokens = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
     failures = [broken(t, p["constraints"]) for t, p in zip(texts, prompts)]
     per_constraint = {name: float(np.mean([name not in f for f, p in zip(failures, prompts) if name in p["constraints"]]))

@@ -1,6 +1,7 @@
 """The language model: loading it (the embedded SmolLM2 included), its chat-template token ids, and local generation.
 
-Every file that runs a model goes through here: train.py, evaluate.py, experiment.py and `clair.py sample`
+Loading checks the settings a model is run with (lengths, attention kernel, dtype); tokenisation renders
+pairs through the chat template and truncates them. Every file that runs a model goes through here: train.py, evaluate.py, experiment.py and `clair.py sample`
 tokenise with the same template and date, so their token ids, and so the reference cache's keys, agree.
 """
 
@@ -73,6 +74,8 @@ def load_model(name, device="cpu", attn_implementation=None, weights=True):
             return tokenizer, model
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attn_implementation)
     except ImportError as e:  # the attention kernel's package is not installed
+        if attn_implementation is None:
+            raise
         hint = "; pip install flash-attn" if "flash" in (attn_implementation or "") else ""
         sys.exit(f"error: --attn-implementation {attn_implementation}: {str(e).splitlines()[0]}{hint}")
     return tokenizer, model.to(device)
@@ -106,7 +109,7 @@ def default_dtype(device):
 
 
 def autocast(device, dtype):
-    """bf16 autocast for --dtype bf16; log-probs and losses stay float32 (sequence_logps casts)."""
+    """bf16 autocast for --dtype bf16; log-probs are float32 per token and summed in float64 (sequence_logps)."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
 
 
@@ -163,10 +166,10 @@ def tokenize_pairs(tokenizer, rows, max_length, max_prompt_length):
 # ----------------------------------------------------------------------------- generation
 
 def generate(model, tokenizer, prompts, max_tokens, temperature=0.0, top_p=1.0, seeds=None, dtype="fp32"):
-    """(answers, finish reasons) of a local model to a batch of prompts (strings or chat messages).
+    """(answers, finish reasons, token counts) of a local model to a batch of prompts (strings or chat messages).
 
     A finish reason is "stop" where the model ended its turn (an end-of-sequence token) and "length" where it
-    hit `max_tokens`. Temperature 0 decodes greedily; otherwise each prompt samples with its own generator,
+    hit `max_tokens`; a token count is the generated tokens up to the end of the turn, its end included. Temperature 0 decodes greedily; otherwise each prompt samples with its own generator,
     seeded by `seeds` (one per prompt; drawn from torch's global generator when None), so that an answer does
     not depend on the other prompts of its batch. `dtype` bf16 decodes under autocast, as training computes.
 
@@ -185,13 +188,13 @@ def generate(model, tokenizer, prompts, max_tokens, temperature=0.0, top_p=1.0, 
         output = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_tokens,
                                 pad_token_id=pad, do_sample=False, **sampling)[:, width:]
     answers = [a.strip() for a in tokenizer.batch_decode(output, skip_special_tokens=True)]
-    return answers, finish_reasons(model, tokenizer, output)
+    return answers, *finishes(model, tokenizer, output)
 
 
 def seeded_sampling(seeds, temperature, top_p, device):
     """Logits processors that make greedy decoding sample each row with its own generator: temperature and
     top-p, then Gumbel noise (the argmax of logits plus Gumbel noise is a sample of their softmax), drawn on
-    `device`."""
+    `device`: a seed gives the same samples on every CPU, and other ones on a GPU."""
     from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
     generators = [torch.Generator(device).manual_seed(seed) for seed in seeds]
@@ -204,8 +207,14 @@ def seeded_sampling(seeds, temperature, top_p, device):
     return LogitsProcessorList([TemperatureLogitsWarper(temperature), TopPLogitsWarper(top_p), gumbel_noise])
 
 
-def finish_reasons(model, tokenizer, output):
-    """"stop" for each row of generated ids that holds an end-of-sequence token, "length" for the others."""
+def finishes(model, tokenizer, output):
+    """(finish reasons, token counts) of rows of generated ids: "stop" and the tokens up to the first
+    end-of-sequence token, its own included, where a row holds one; "length" and the whole row elsewhere."""
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [tokenizer.eos_token_id if eos is None else eos])
-    return ["stop" if eos & set(row.tolist()) else "length" for row in output]
+    reasons, counts = [], []
+    for row in output.tolist():  # one copy off the device
+        end = next((k for k, token in enumerate(row) if token in eos), None)
+        reasons.append("length" if end is None else "stop")
+        counts.append(len(row) if end is None else end + 1)
+    return reasons, counts

@@ -51,8 +51,8 @@ def weights_fingerprint(model, mode):
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()  # Linux, else all
     with ThreadPoolExecutor(cores) as pool:
         digests = pool.map(digest, chunks)
-    h = hashlib.blake2b(json.dumps([mode, model.config._attn_implementation, config], sort_keys=True,
-                                   default=str).encode(), digest_size=8)
+    how = [mode, "float64 sums", model.config._attn_implementation, config]  # float32 sums had other values
+    h = hashlib.blake2b(json.dumps(how, sort_keys=True, default=str).encode(), digest_size=8)
     for (name, _, _), chunk_digest in zip(chunks, digests):
         h.update(name.encode() + chunk_digest)
     return h.hexdigest()

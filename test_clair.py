@@ -350,7 +350,7 @@ def test_local_finish_reason_is_stop_at_end_of_sequence_and_length_at_the_limit(
     prompts = ["Hi", "Tell me a long story about a cat and a dog, please."]  # the second starts otherwise
     assert generate(model, tokenizer, prompts, 4)[1] == ["length", "length"]
     model.generation_config.eos_token_id = [tokenizer.eos_token_id, first]  # now "Hi" ends the turn at once
-    answers, reasons = generate(model, tokenizer, prompts, 4)
+    answers, reasons, _ = generate(model, tokenizer, prompts, 4)
     assert reasons == ["stop", "length"] and len(answers[1]) > len(answers[0])
 
 
@@ -508,3 +508,43 @@ def test_stats_prints_every_readable_file_and_names_the_others(tmp_path, capsys)
     for problem in ["bad.jsonl:2: field 'rejected': expected a string", "empty.jsonl: no pairs",
                     "missing.jsonl: cannot read"]:
         assert problem in message
+
+
+def test_local_generation_counts_the_tokens_it_generated(tiny_model):
+    import torch
+
+    from language_model import chat_ids, generate, load_model
+
+    tokenizer, model = load_model(tiny_model)
+    _, reasons, counts = generate(model, tokenizer, ["Hi", "Tell me a long story, please."], 6)
+    assert reasons == ["length", "length"] and counts == [6, 6]
+    ids = torch.tensor([chat_ids(tokenizer, [{"role": "user", "content": "Hi"}], add_generation_prompt=True)])
+    greedy = model.generate(input_ids=ids, max_new_tokens=6, do_sample=False, pad_token_id=0)[0, ids.shape[1]:].tolist()
+    model.generation_config.eos_token_id = [greedy[2]]  # the third greedy token now ends the turn
+    _, reasons, counts = generate(model, tokenizer, ["Hi"], 6)
+    assert reasons == ["stop"] and counts == [greedy.index(greedy[2]) + 1]
+
+
+def test_the_last_verdict_counts_in_any_case():
+    assert clair.parse_verdict("[[A]] looks better at first; on reflection, [[B]]") == "B"
+    assert clair.parse_verdict("Verdict: [[b]]") == "B"
+    assert clair.parse_verdict("[[Tie]]") == "tie"
+    assert clair.parse_verdict("[[C]], or [A]") is None
+
+
+def test_fill_leaves_unknown_placeholders_and_filled_in_text_alone():
+    filled = clair.fill("[[TASK]] / [[OTHER]] / [[STUDENT_SOLUTION]]", task="[[STUDENT_SOLUTION]]", student_solution="x")
+    assert filled == "[[STUDENT_SOLUTION]] / [[OTHER]] / x"
+
+
+def test_each_row_is_on_disk_as_soon_as_it_is_written_and_a_rerun_appends(tmp_path):
+    path = tmp_path / "new" / "o.jsonl"
+    with clair.JsonlAppender(path):
+        pass
+    assert not path.parent.exists()  # nothing written, nothing left behind
+    with clair.JsonlAppender(path) as out:
+        out.write({"id": "a"})
+        assert read_out(path) == [{"id": "a"}]  # flushed: a kill from here on loses nothing
+    with clair.JsonlAppender(path) as out:
+        out.write({"id": "b"})
+    assert read_out(path) == [{"id": "a"}, {"id": "b"}]

@@ -92,7 +92,7 @@ def test_one_row_passes_the_varlen_arguments_transformers_would_derive():
 
 def test_generation_in_bf16_on_the_cpu(tiny_model):
     tokenizer, model = language_model.load_model(tiny_model)
-    answers, reasons = language_model.generate(model.eval(), tokenizer, ["Hi", "What is 2 + 2?"], 4, temperature=1.0,
+    answers, reasons, _ = language_model.generate(model.eval(), tokenizer, ["Hi", "What is 2 + 2?"], 4, temperature=1.0,
                                                seeds=[1, 2], dtype="bf16")
     assert len(answers) == 2 and reasons == ["length", "length"]
 

@@ -3,7 +3,7 @@
 For every family, train.py's batching decision (packed rows where packing is measured exact, else one padded
 sequence per row) must give each sequence's log-prob as a forward of that sequence alone does, a training run
 must pass its step-0 check, and its step-0 held-out log-probs must be those of one-sequence forwards. The
-expected path is what these tests found with transformers 5.24; README's family table copies it.
+expected path is what these tests found with transformers 5.24; docs/training.md's family table copies it.
 """
 
 import json

@@ -606,3 +606,143 @@ def test_step0_check_fails_on_a_nan_reference(tmp_path, tiny_model, ref_cache):
     torch.save(saved, cache_file)
     with pytest.raises(SystemExit, match="step-0 check failed: policy and cached reference log-probs differ by nan"):
         run_train(tmp_path, tiny_model, "second", "--max-steps", "1")
+
+
+def test_resume_with_other_flags_is_refused(tmp_path, tiny_model, ref_cache):
+    args = ["--max-steps", "4", "--save-every", "2", "--batch-size", "2", "--grad-accum", "2"]
+    run, _ = run_train(tmp_path, tiny_model, "run", *args)
+    shutil.rmtree(run / "final")
+    with pytest.raises(SystemExit, match=r"^error: --resume: \S+checkpoint-2 was trained with other --beta \(0.1, now "
+                                         r"0.2\), --seed \(0, now 1\)$"):
+        run_train(tmp_path, tiny_model, "run", *args, "--resume", "--beta", "0.2", "--seed", "1", "--log-every", "2")
+
+
+def chat_pairs(tokenizer, n):
+    rows = arithmetic_pairs(n)
+    for row in rows:
+        row["prompt"] = [{"role": "user", "content": row["prompt"]}]
+    return language_model.tokenize_pairs(tokenizer, rows, 512, 256)[0]
+
+
+def test_log_probs_in_chunks_with_or_without_grad_equal_one_chunk(tiny_model):
+    tokenizer, model = language_model.load_model(tiny_model)
+    model.eval()
+    batch = batching.padded(chat_pairs(tokenizer, 3), [0, 1, 2], "cpu")
+    with torch.no_grad():
+        whole = logprobs.sequence_logps(model, batch)
+        chunked = logprobs.sequence_logps(model, batch, chunk=7)
+    checkpointed = logprobs.sequence_logps(model, batch, chunk=7)  # grad on: each chunk recomputed in backward
+    torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=0)
+    torch.testing.assert_close(checkpointed.detach(), whole, atol=1e-5, rtol=0)
+
+
+def test_token_log_probs_are_float32_from_the_heads_bf16_logits(tiny_model):
+    """Under bf16 autocast the head's logits are bf16; log-probs from them in bf16 would be 0.01 nats off each."""
+    _, model = language_model.load_model(tiny_model)
+    model.eval()
+    batch = batching.padded([{"prompt": [5, 6, 7], "chosen": [40 + i % 50 for i in range(64)], "rejected": [60, 61]}],
+                            [0], "cpu")
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    with torch.no_grad(), language_model.autocast(torch.device("cpu"), "bf16"):
+        got = logprobs.sequence_logps(model, batch)
+        with logprobs.head_only_at(model, batch["targets"]):
+            logits = model(**inputs).logits[0]
+    assert logits.dtype == torch.bfloat16
+    exact = torch.log_softmax(logits.double(), -1).gather(-1, batch["labels"][:, None])[:, 0]
+    expected = torch.zeros(2, dtype=torch.float64).index_add(0, batch["sequence"], exact)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+
+def test_pair_metrics_are_means_over_pairs_and_a_tie_is_not_accurate():
+    policy = torch.tensor([[-1.0, -3.0], [-2.0, -2.0]], dtype=torch.float64)
+    ref = torch.full((2, 2), -2.0, dtype=torch.float64)
+    metrics = logprobs.pair_metrics(policy, ref, LOSSES["apo_zero"], beta=0.5)  # r_w, r_l: (0.5, -0.5), (0, 0)
+    sigmoid = lambda x: 1 / (1 + math.exp(-x))
+    assert metrics == pytest.approx({"loss": (1 - sigmoid(0.5) + sigmoid(-0.5) + 1) / 2, "rewards/chosen": 0.25,
+                                     "rewards/rejected": -0.25, "rewards/margins": 0.5, "rewards/accuracies": 0.5,
+                                     "logps/chosen": -1.5, "logps/rejected": -2.5})
+
+
+def test_step0_gap_divides_each_sequence_by_its_own_tokens(tiny_model):
+    _, model = language_model.load_model(tiny_model)
+    language_model.disable_dropout(model)
+    pairs = [{"prompt": [5, 6, 7], "chosen": [40, 41, 42, 43], "rejected": [60 + i for i in range(16)]},
+             {"prompt": [5, 6], "chosen": [41] * 9, "rejected": [61]}]
+    ref = logprobs.pairs_logps(model, pairs, batching.padded, 2, torch.device("cpu"), "fp32")
+    model.train()
+    batch = batching.padded(pairs, [0, 1], "cpu")
+    for (pair, side), tokens in {(0, 1): 16, (1, 0): 9}.items():
+        stale = ref.clone()
+        stale[pair, side] += 2.0
+        assert train.reference_gap(model, batch, stale, "fp32") == pytest.approx(2.0 / math.sqrt(tokens), abs=1e-3)
+
+
+def test_the_step_takes_the_gradient_of_the_mean_loss_over_its_pairs(tiny_model):
+    """Two micro-batches of two pairs: grad_norm and loss are those of the mean loss over the four."""
+    tokenizer, model = language_model.load_model(tiny_model)
+    language_model.disable_dropout(model)
+    pairs = chat_pairs(tokenizer, 4)
+    ref = logprobs.pairs_logps(model, pairs, batching.padded, 4, torch.device("cpu"), "fp32")
+    model.train()
+    policy_chosen, policy_rejected = logprobs.sequence_logps(model, batching.padded(pairs, [0, 1, 2, 3], "cpu")).view(2, -1)
+    mean_loss = LOSSES["apo_zero"](policy_chosen, policy_rejected, ref[:, 0], ref[:, 1], 0.1).mean()
+    mean_loss.backward()
+    expected = torch.stack([p.grad.norm() for p in model.parameters()]).norm().item()
+    model.zero_grad(set_to_none=True)
+    args = types.SimpleNamespace(loss="apo_zero", beta=0.1, dtype="fp32", max_grad_norm=0.0)
+    metrics = train.train_step(model, torch.optim.SGD(model.parameters(), lr=0.0), [[0, 1], [2, 3]], pairs_in_step=4,
+                               micro_batch=functools.partial(batching.padded, pairs, device="cpu"), ref=ref, args=args)
+    assert metrics["grad_norm"] == pytest.approx(expected, rel=1e-5)
+    assert metrics["loss"] == pytest.approx(mean_loss.item(), rel=1e-6)
+
+
+def test_pairs_that_differ_only_where_the_prompt_ends_get_their_own_key():
+    split = [{"prompt": [5, 6], "chosen": [7, 8], "rejected": [9]}, {"prompt": [5], "chosen": [6, 7, 8], "rejected": [9]},
+             {"prompt": [5, 6], "chosen": [7], "rejected": [8, 9]}]
+    assert len({reference_cache.pair_key(pair) for pair in split}) == 3
+
+
+def test_a_partly_cached_reference_gives_each_computed_value_to_its_own_pair(tiny_model, ref_cache):
+    _, model = language_model.load_model(tiny_model)
+    language_model.disable_dropout(model)
+    pairs = [{"prompt": [5, 6, 7], "chosen": [40 + k, 41], "rejected": [60 + k] * (k + 1)} for k in range(4)]
+    compute = dict(fingerprint="f", folder=ref_cache, collate=batching.padded, batch_size=2,
+                   device=torch.device("cpu"), dtype="fp32")
+    fresh = logprobs.pairs_logps(model, pairs, batching.padded, 1, torch.device("cpu"), "fp32")
+    reference_cache.reference_logps(model, pairs[1:3], **compute)  # the cache holds the middle two
+    for _ in range(2):  # two computed beside two cached, then all four read back
+        torch.testing.assert_close(reference_cache.reference_logps(model, pairs, **compute), fresh, atol=1e-5, rtol=0)
+
+
+def test_the_fingerprint_sees_every_byte_of_a_large_weight():
+    """Weights are hashed in 16 MiB chunks: a change in the second half of one, or in a second one, shows."""
+    config = LlamaConfig(vocab_size=140_000, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    fingerprints = {reference_cache.weights_fingerprint(model, "fp32")}
+    embedding = model.get_input_embeddings().weight  # 17.9 MB
+    for row in (100_000, -1):  # at 12.8 MB, in the first chunk's second half; in the second chunk
+        with torch.no_grad():
+            embedding[row, -1] += 1.0
+        fingerprints.add(reference_cache.weights_fingerprint(model, "fp32"))
+    assert len(fingerprints) == 3
+
+
+def test_a_prompt_of_exactly_max_prompt_length_is_kept(tiny_model):
+    tokenizer, _ = language_model.load_model(tiny_model)
+    prompt = [{"role": "user", "content": "Say hi."}]
+    n = len(language_model.tokenize_completion(tokenizer, prompt, "x")[0])
+    rows = [{"id": "1", "prompt": prompt, "chosen": "Hi!", "rejected": "Bye."}]
+    pairs, drops = language_model.tokenize_pairs(tokenizer, rows, max_length=n + 2, max_prompt_length=n)
+    assert not drops and [(len(p["prompt"]), len(p["chosen"]), len(p["rejected"])) for p in pairs] == [(n, 2, 2)]
+    _, drops = language_model.tokenize_pairs(tokenizer, rows, max_length=n + 2, max_prompt_length=n - 1)
+    assert drops == {"prompt longer than --max-prompt-length": 1}
+
+
+@pytest.mark.parametrize("gaps", [(1.0, 0.0), (0.0, 1.0)], ids=["packed against padded", "first sequence changed"])
+def test_packing_needs_both_measurements_exact(tiny_model, monkeypatch, gaps):
+    _, model = language_model.load_model(tiny_model)
+    monkeypatch.setattr(batching, "packing_gaps", lambda *args: torch.tensor(gaps))
+    collate, how = batching.choose_collate(model, [], indices=[0], packing="auto", device="cpu", dtype="fp32")
+    assert collate is batching.padded and "packed sequences mix" in how

@@ -30,9 +30,9 @@ from tqdm import tqdm
 import reference_cache
 from apo import LOSSES
 from batching import choose_collate, train_batches
-from checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint, trim_metrics
-from distributed import (broadcast_object, log0, max_over_processes, rank, rank0_first, setup, sum_over_processes,
-                         teardown, world_size, wrap_model)
+from checkpoints import checkpoint_state, latest_checkpoint, load_checkpoint, save_checkpoint, trim_metrics
+from distributed import (broadcast_object, log0, max_over_processes, rank, rank0_first, setup, sharded,
+                         sum_over_processes, teardown, world_size, wrap_model)
 from language_model import (DEFAULT_MODEL, MAX_LENGTH, MAX_PROMPT_LENGTH, autocast, default_dtype, disable_dropout,
                             load_model, setting_error, tokenize_pairs)
 from logprobs import METRICS, pair_metrics, pair_stats, pairs_logps, sequence_logps
@@ -58,7 +58,7 @@ def parse_args(argv=None):
     p.add_argument("--lr-scheduler", choices=["linear", "cosine"], default="linear")
     p.add_argument("--warmup-ratio", type=float, default=0.1)
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="0: no clipping (grad_norm is still logged)")
-    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--epochs", type=int, default=1, help="at least 1")
     p.add_argument("--max-steps", type=int, default=12, help="stop after this many optimizer steps (0: no limit)")
     p.add_argument("--batch-size", type=int, default=2, help="pairs per micro-batch, per process")
     p.add_argument("--grad-accum", type=int, default=4, help="micro-batches per optimizer step")
@@ -87,6 +87,8 @@ def parse_args(argv=None):
     args.dtype = args.dtype or default_dtype(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     if why := setting_error(args.max_length, args.max_prompt_length, args.attn_implementation, args.dtype):
         p.error(why)
+    if args.epochs < 1:
+        p.error(f"--epochs ({args.epochs}) must be at least 1")
     if Path(args.model).exists():  # saved absolute: evaluate.py finds the reference from any directory
         args.model = str(Path(args.model).resolve())
     return args
@@ -148,20 +150,17 @@ def tokenize_splits(tokenizer, splits, args):
 
 # ----------------------------------------------------------------------------- the model and its optimizer
 
-def prepare_model(args, device):
-    """(tokenizer, model, fingerprint of the initial model): dropout off, wrapped for several processes.
-    Only rank 0 reads the weights; the others build the model empty and receive them."""
-    with rank0_first():
-        tokenizer, model = load_model(args.model, attn_implementation=args.attn_implementation, weights=rank() == 0)
+def prepare_model(model, args, device):
+    """(model, fingerprint of the initial model): dropout off, wrapped for several processes."""
     disable_dropout(model)
-    mode = reference_cache.compute_mode(args.dtype, args.fsdp)
+    mode = reference_cache.compute_mode(args.dtype, fsdp=sharded(args.fsdp))
     fingerprint = broadcast_object(reference_cache.weights_fingerprint(model, mode) if rank() == 0 else None)
     if args.gradient_checkpointing:  # transformers 5 renamed it; the old name works until v6
         if hasattr(model, "activation_checkpointing_enable"):
             model.activation_checkpointing_enable({"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return tokenizer, wrap_model(model, args.fsdp, args.dtype, device), fingerprint
+    return wrap_model(model, args.fsdp, args.dtype, device), fingerprint
 
 
 def make_optimizer(model, args, total_steps):
@@ -203,10 +202,10 @@ def reference_gap(model, batch, ref, dtype):
 
 # ----------------------------------------------------------------------------- one optimizer step
 
-def train_step(model, optimizer, micro_batches, *, pairs_in_step, collate, ref, args):
+def train_step(model, optimizer, micro_batches, *, pairs_in_step, micro_batch, ref, args):
     """One optimizer step over this process's `micro_batches` (lists of pair indices): its metrics.
 
-    `collate(indices)` gives a micro-batch's tensors on the device, where `ref` holds every pair's
+    `micro_batch(indices)` gives a micro-batch's tensors on the device, where `ref` holds every pair's
     reference log-probs. Chosen and rejected of a micro-batch share one forward. The loss is the mean over
     the `pairs_in_step` pairs of the whole step on all processes, so 1 x 4 and 4 x 1 micro-batches give the
     same update; DDP and FSDP average gradients over processes, hence the world_size(). Raises
@@ -217,7 +216,7 @@ def train_step(model, optimizer, micro_batches, *, pairs_in_step, collate, ref, 
     tokens, start = 0, time.time()
     ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
     for k, indices in enumerate(micro_batches):
-        batch = collate(indices)
+        batch = micro_batch(indices)
         sync = not ddp or k == len(micro_batches) - 1  # DDP: all-reduce gradients on the last one only
         with (contextlib.nullcontext() if sync else model.no_sync()), autocast(ref.device, args.dtype):
             policy_chosen, policy_rejected = sequence_logps(model, batch).view(2, -1)
@@ -269,7 +268,8 @@ class Run:
     def evaluate(self):
         """Held-out metrics against the eval pairs' reference log-probs, logged as eval/*."""
         args = self.args
-        policy = pairs_logps(self.model, self.eval_pairs, self.collate, 2 * args.batch_size, self.device, args.dtype)
+        policy = pairs_logps(self.model, self.eval_pairs, collate=self.collate, batch_size=2 * args.batch_size,
+                             device=self.device, dtype=args.dtype)
         metrics = pair_metrics(policy, self.ref_eval, LOSSES[args.loss], args.beta)
         self.log({f"eval/{k}": v for k, v in metrics.items()})
         return metrics
@@ -292,9 +292,30 @@ class Run:
             (self.out / "args.json").write_text(json.dumps(vars(self.args), indent=2) + "\n")
 
 
+# Flags that may change on --resume: they do not change what is computed (a copied run folder is resumable).
+RESUME_MAY_CHANGE = {"resume", "out", "log_every", "eval_every", "save_every"}
+
+
+def checkpoint_to_resume(args):
+    """The latest checkpoint in --out under --resume, else None; refused when it was trained with other flags."""
+    if not args.resume:
+        return None
+    checkpoint = latest_checkpoint(args.out)
+    if checkpoint is None:
+        sys.exit(f"--resume: no checkpoint-* folder in {args.out}")
+    saved = checkpoint_state(checkpoint)["args"]
+    changed = sorted(k for k in saved.keys() | vars(args).keys()
+                     if k not in RESUME_MAY_CHANGE and saved.get(k) != vars(args).get(k))
+    if changed:
+        raise DataError(f"--resume: {checkpoint} was trained with other " + ", ".join(
+            f"--{k.replace('_', '-')} ({saved.get(k)!r}, now {vars(args).get(k)!r})" for k in changed))
+    return checkpoint
+
+
 def reference_pass(model, train_pairs, eval_pairs, steps, fingerprint, collate, args, device):
     """log pi_ref of every pair the run will train on and of the eval pairs: from the cache, else computed
-    by the initial model in one no-grad pass. [pairs, 2] each, float64, on the device."""
+    by the initial model in one no-grad pass. [pairs, 2] each, float64; the train pairs' on the device, for
+    train_step, the eval pairs' on the CPU, for pair_metrics."""
     used = sorted(set(i for step in steps for i in step.pairs))
     compute = dict(fingerprint=fingerprint, folder=reference_cache.FOLDER, collate=collate,
                    batch_size=2 * args.batch_size, device=device, dtype=args.dtype)
@@ -311,38 +332,41 @@ def main(argv=None):
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    checkpoint = latest_checkpoint(args.out) if args.resume else None
-    if args.resume and checkpoint is None:
-        sys.exit(f"--resume: no checkpoint-* folder in {args.out}")
     try:
+        checkpoint = checkpoint_to_resume(args)
         splits = load_splits(args)
-        tokenizer, model, fingerprint = prepare_model(args, device)
+        with rank0_first():  # only rank 0 reads the weights; the others build the model empty and receive them
+            tokenizer, model = load_model(args.model, attn_implementation=args.attn_implementation,
+                                          weights=rank() == 0)
         train_pairs, eval_pairs = tokenize_splits(tokenizer, splits, args)
         steps = plan_steps(len(train_pairs), args)
         if not steps:
             raise DataError("fewer train pairs than processes x --batch-size")
-        optimizer, scheduler = make_optimizer(model, args, len(steps))
-        collate, how = choose_collate(model, train_pairs, steps[0].shares[0][0], args.packing, device, args.dtype)
+        model, fingerprint = prepare_model(model, args, device)
+        optimizer, scheduler = make_optimizer(model, args, total_steps=len(steps))
+        collate, how = choose_collate(model, train_pairs, indices=steps[0].shares[0][0], packing=args.packing,
+                                      device=device, dtype=args.dtype)
         log0(f"batching: {how}")
-        ref_train, ref_eval = reference_pass(model, train_pairs, eval_pairs, steps, fingerprint, collate, args, device)
+        ref_train, ref_eval = reference_pass(model, train_pairs, eval_pairs, steps=steps, fingerprint=fingerprint,
+                                             collate=collate, args=args, device=device)
         run = Run(args=args, model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
                   eval_pairs=eval_pairs, ref_eval=ref_eval, collate=collate, device=device)
         run.start_or_resume(checkpoint)
     except DataError as e:
         sys.exit(f"error: {e}")
-    train_collate = functools.partial(collate, train_pairs, device=device)
+    micro_batch = functools.partial(collate, train_pairs, device=device)
 
     model.train()
     if run.step == 0:  # before any update: the initial model's held-out metrics, and the step-0 check
         run.evaluate()
         first = steps[0].shares[rank()][0]
-        gap = reference_gap(model, train_collate(first), ref_train[first], args.dtype)
+        gap = reference_gap(model, micro_batch(first), ref=ref_train[first], dtype=args.dtype)
         run.log({"ref_check/max_abs_diff_per_sqrt_token": gap})
         tol = args.ref_check_tol or REF_CHECK_TOL[args.dtype]
         if not gap <= tol:  # NaN fails too
             sys.exit(f"error: step-0 check failed: policy and cached reference log-probs differ by {gap:.2e} "
                      f"per sqrt(token) (> {tol:g}); dropout, truncation or masking differ, or the cache is stale")
-    train_loop(run, steps, train_collate, ref_train)
+    train_loop(run, steps, micro_batch=micro_batch, ref=ref_train)
     final = run.evaluate()
     run.save("final")
     log0("\n".join([f"done: {run.step} steps of {args.loss}, beta {args.beta}; checkpoint in {run.out / 'final'}",
@@ -350,7 +374,7 @@ def main(argv=None):
     teardown()
 
 
-def train_loop(run, steps, collate, ref):
+def train_loop(run, steps, micro_batch, ref):
     """From run.step to the last step: update, log, evaluate and save as the flags say."""
     args = run.args
     bar = tqdm(total=len(steps), initial=run.step, disable=rank() != 0, dynamic_ncols=True)
@@ -358,7 +382,7 @@ def train_loop(run, steps, collate, ref):
         step, lr = steps[run.step], run.scheduler.get_last_lr()[0]
         try:
             metrics = train_step(run.model, run.optimizer, step.shares[rank()], pairs_in_step=len(step.pairs),
-                                 collate=collate, ref=ref, args=args)
+                                 micro_batch=micro_batch, ref=ref, args=args)
         except FloatingPointError as e:
             sys.exit(f"error: {e} at step {run.step + 1}; the last checkpoint in {run.out} is kept")
         run.scheduler.step()
