@@ -7,6 +7,7 @@ file, line (or row) and field.
 """
 
 import json
+import math
 import re
 from collections import Counter
 from pathlib import Path
@@ -184,3 +185,41 @@ def load_pairs(source):
     if not rows:
         raise DataError(f"{source}: no usable pairs")
     return rows, drops
+
+
+# ----------------------------------------------------------------------------- TRL's precomputed reference log-probs
+
+REFERENCE_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")  # TRL's names: log pi_ref summed over completion tokens
+
+
+def read_reference_logps(source):
+    """{row id: [ref_chosen_logps, ref_rejected_logps]} from the TRL columns of a JSONL file, a .parquet file or a
+    Hub dataset id; empty when no row has them. Ids are load_pairs' (row_id). A value that is not a finite number,
+    or a row without the columns where other rows have them, is a DataError naming where it is and the field."""
+    found, first_without = {}, None
+    for where, row in read_records(source):
+        if not any(name in row for name in REFERENCE_COLUMNS):
+            first_without = first_without or where
+            continue
+        values = []
+        for name in REFERENCE_COLUMNS:
+            value = row.get(name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise DataError(f"{where}: field '{name}': expected a finite number (a summed log-prob), got {value!r}")
+            values.append(float(value))
+        found[row_id(row, where)] = values
+    if found and first_without:
+        raise DataError(f"{first_without}: fields {', '.join(map(repr, REFERENCE_COLUMNS))}: missing, while other "
+                        "rows have them")
+    return found
+
+
+def write_reference_logps(rows, logps, path):
+    """Write load_pairs' `rows` as JSONL with TRL's columns added: logps[i] = (log pi_ref(chosen), log pi_ref(rejected))
+    of rows[i], summed over completion tokens. JSON keeps every float exactly, so read_reference_logps reads the same
+    values back."""
+    with open(path, "w", encoding="utf-8") as f:
+        for row, (chosen, rejected) in zip(rows, logps, strict=True):
+            columns = dict(zip(REFERENCE_COLUMNS, (float(chosen), float(rejected))))
+            f.write(json.dumps({**row, **columns}, ensure_ascii=False) + "\n")
+    return str(path)

@@ -129,3 +129,10 @@ def test_the_single_process_path_needs_neither_sched_getaffinity_nor_fcntl(tmp_p
                              "--grad-accum", "1"], capture_output=True, text=True, timeout=300, cwd=HERE, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "done: 2 steps" in result.stdout and list((tmp_path / "cache" / "ref_logps").glob("*.pt"))
+
+
+def test_resume_takes_the_checkpoint_of_the_latest_step(tmp_path):
+    for name in ("checkpoint-2", "checkpoint-10", "checkpoint-9", "checkpoint-final", ".tmp-checkpoint-12", "final"):
+        (tmp_path / name).mkdir()
+    assert checkpoints.latest_checkpoint(tmp_path) == tmp_path / "checkpoint-10"  # by step, not by name
+    assert checkpoints.latest_checkpoint(tmp_path / "final") is None

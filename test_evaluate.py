@@ -248,3 +248,41 @@ def test_the_pairwise_judge_swaps_the_order():
         answers = [text.split("[Answer A]")[1].split("[Answer B]")[0].strip()
                    for text in (r["messages"][-1]["content"] for r in server.requests)]
     assert answers == ["a good answer", "a bad one", "a bad one", "a good answer"]
+
+
+def judge_client(server):
+    return clair.ChatClient(server.base_url, "judge", "NO_KEY_NEEDED")
+
+
+def test_the_grader_takes_the_last_verdict_in_any_case():
+    replies = iter(["[[correct]]? No: [[incorrect]]", "It matches. [[Correct]]", "It is close."])
+    with ChatServer(lambda body: next(replies)) as server:
+        row = {"prompt": "What is 2 + 2?", "answer": "4"}
+        assert [evaluate.grade(judge_client(server), row, "4")[0] for _ in range(3)] == [False, True, None]
+
+
+def test_a_tie_scores_one_half_in_both_orders():
+    with ChatServer(lambda body: "Equally good. [[tie]]") as server:
+        scores = evaluate.pairwise(judge_client(server), {"prompt": "Say something."}, "mine", "theirs")
+    assert [score for score, _ in scores] == [0.5, 0.5]
+
+
+def test_a_score_with_a_verdict_in_half_its_replies_is_kept():
+    def reply(body):  # a verdict only when the checkpoint's answer comes first
+        return "[[A]]" if "[Answer A]\nmine" in body["messages"][-1]["content"] else "I cannot decide."
+
+    rows = [{"id": "q", "prompt": "Say something.", "answer": None}]
+    report = {"models": {"ref": {}, "ckpt": {}}, "samples": [{"id": "q", "ref": "theirs", "ckpt": "mine"}]}
+    with ChatServer(reply) as server:
+        evaluate.judge_generations(judge_client(server), rows, report, ref="ref")
+    scores = report["models"]["ckpt"]
+    assert scores["win_rate_vs_ref"] == 1.0 and (scores["judge_replies"], scores["judge_unparsed"]) == (2, 1)
+
+
+@pytest.mark.parametrize("text, answer, expected", [
+    ("The codes are 1,2 and 3.", "12", False), ("It costs 1,250,000 dollars.", "1250000", True),
+    ("thirty-nine steps", "39", True), ("ninety nine", "99", True),
+    ("a state-of-the-art model", "art", True), ("It is well-known.", "known", True),
+])
+def test_answer_matching_of_separators_number_words_and_hyphens(text, answer, expected):
+    assert evaluate.matches(text, answer) is expected

@@ -1,43 +1,71 @@
-"""experiment.py: the constraint checkers, the minimal reviser (exactly minimal, by exhaustive search on short
-strings), and the whole --quick pipeline on the tiny random model."""
+"""experiment.py: the primary metric, the minimal reviser (exactly minimal, by exhaustive search on short
+strings), the defect injector, the pairs and seeds, the bootstrap and Holm procedure on synthetic scores with
+known answers, and the whole --quick pipeline on the tiny random model."""
 
-import itertools
 import json
 import random
 
+import numpy as np
 import pytest
 
 import experiment
 from clair import levenshtein
-from experiment import broken, revise
+from experiment import TAIL, boundary, grade, inject, revise, smallest_edit
 
-ALL = {"lowercase": True, "no_commas": True, "end_marker": "a~"}
-COMBOS = [dict(c) for k in (1, 2, 3) for c in itertools.combinations(ALL.items(), k)]
-
-
-def test_checkers():
-    assert broken("hello world", {"lowercase": True}) == []
-    assert broken("Hello world", {"lowercase": True}) == ["lowercase"]
-    assert broken("a, b", {"no_commas": True}) == ["no_commas"]
-    assert broken("ok ~~~", {"end_marker": "~~~"}) == [] and broken("ok~~~", {"end_marker": "~~~"}) == []
-    assert broken("ok ~~~ ", {"end_marker": "~~~"}) == ["end_marker"]  # nothing after it
-    assert broken("Yes, ~~", {"lowercase": True, "no_commas": True, "end_marker": "~~~"}) == [
-        "lowercase", "no_commas", "end_marker"]
+CAPITAL = {"keys": ["Paris"], "distractors": ["Lyon"], "lowercase": False}
+LOWER = {**CAPITAL, "lowercase": True}
+UNITS = {"keys": ["180", "180 minutes"], "distractors": ["179"], "lowercase": False}
 
 
-def test_revise_changes_only_what_is_wrong():
-    assert revise("Paris is the capital, of course.", {"lowercase": True}) == "paris is the capital, of course."
-    assert revise("Paris, France.", {"no_commas": True}) == "Paris France."
-    assert revise("Paris is lovely.", {"end_marker": "~~~"}) == "Paris is lovely.~~~"  # appended, not over the end
-    assert revise("Paris ~~ is lovely ~~", {"end_marker": "~~~"}) == "Paris ~~ is lovely ~~~"
-    text = "Photosynthesis, in short, makes sugar from light."
-    assert revise(text, {"lowercase": True, "no_commas": True, "end_marker": "###"}) == (
-        "photosynthesis in short makes sugar from light.###")
-    for combo in COMBOS:  # an answer that already complies is left alone
-        good = revise("Hi, there", combo)
-        assert revise(good, combo) == good
+@pytest.fixture(scope="module")
+def prompts():
+    return experiment.build_prompts(experiment.parse_args([]))
+
+
+def test_primary_metric_fails_cut_off_looping_and_wrong_answers():
+    assert grade("The capital of France is Paris.", "stop", CAPITAL)["success"]
+    assert not grade("The capital of France is Paris.", "length", CAPITAL)["success"]  # cut at the limit
+    for looped in ("The capital of France is Paris Paris Paris.", "Paris. " * 3, "Paris^^^^^^^^"):
+        assert not grade(looped, "stop", CAPITAL)["success"] and not grade(looped, "stop", CAPITAL)["no_loop"]
+    wrong = grade("The capital of France is Lyon.", "stop", CAPITAL)
+    assert not wrong["success"] and not wrong["correct_anywhere"]
+    misplaced = grade("Paris is the capital of France.", "stop", CAPITAL)  # right, but not where the form asks
+    assert not misplaced["success"] and misplaced["correct_anywhere"]
+    assert not grade("The capital of France is Paris.", "stop", LOWER)["success"]
+    assert grade("the capital of france is 'paris'!", "stop", LOWER)["success"]
+    for unit_answer, right in (("3 hours make 180 minutes.", True), ("It is 180.", True), ("It is 5180.", False),
+                               ("It is 180 seconds.", False)):
+        assert grade(unit_answer, "stop", UNITS)["success"] == right
+    assert not experiment.looping("1, 2, 3, 4 and 5.") and not experiment.looping("Ko... is it Accra?")
+
+
+def test_revise_rewrites_what_is_wrong_in_place():
+    assert revise("The capital of France is Lyon.", CAPITAL) == "The capital of France is Paris."
+    assert revise("The capital of France is Paris.", LOWER) == "the capital of france is paris."
+    assert revise("5 hours is 120 minutes.", {**UNITS, "keys": ["300", "300 minutes"]}) == "5 hours is 300 minutes."
+    assert revise("The word 'garden' has 12 letters.", {**UNITS, "keys": ["6", "6 letters"]}) == (
+        "The word 'garden' has 6 letters.")
+    assert revise("The first letter is 'B'.", {**CAPITAL, "keys": ["a"]}) == "The first letter is 'a'."
+    assert revise("The answer is 15.", {**CAPITAL, "keys": ["5"]}) == "The answer is 5."
+    for prompt in (CAPITAL, LOWER, UNITS):  # a revision already in form is left alone
+        once = revise("Hi, there", prompt)
+        assert grade(once, "stop", prompt)["success"] and revise(once, prompt) == once
     with pytest.raises(ValueError):
-        revise("x", {"lowercase": True, "end_marker": "END"})
+        smallest_edit("x", ending="Paris", lowercase=True)
+
+
+def canonical(text, ending, lowercase):
+    """The reviser's target, written out: no capital under `lowercase`; `ending` at the start or after a
+    boundary character; then only TAIL characters."""
+    if lowercase and any(c != c.lower() for c in text):
+        return False
+    for cut in range(len(text) + 1):
+        head, tail = text[:cut], text[cut:]
+        start = len(head) - len(ending)
+        at_boundary = start == 0 or (start > 0 and boundary(head[start - 1]))
+        if all(c in TAIL for c in tail) and head.endswith(ending) and at_boundary:
+            return True
+    return False
 
 
 def edit_ball(text, radius, alphabet):
@@ -51,44 +79,130 @@ def edit_ball(text, radius, alphabet):
 
 
 def test_revise_is_exactly_minimal():
-    """No string closer than the revision satisfies the constraints, by exhaustive search. The search alphabet
-    (the text's and marker's characters and a space) loses nothing: any other character of a satisfying string
-    lies outside the marker and matches nothing in the text, so a space in its place is no farther and
-    satisfies too."""
+    """No string closer than the revision is in the canonical form, by exhaustive search. The search alphabet
+    loses nothing: a character of a satisfying string outside the text and the ending can be replaced by the
+    representative of its class (' ' a boundary, '!' a boundary and tail, '.' a tail, 'x' neither): the string
+    still satisfies, and is no farther from the text."""
     rng = random.Random(0)
     checked = 0
-    for _ in range(150):
-        text = "".join(rng.choice("aAb,~ ") for _ in range(rng.randint(0, 6)))
-        combo = rng.choice(COMBOS)
-        revised = revise(text, combo)
-        assert broken(revised, combo) == []
+    for _ in range(300):
+        text = "".join(rng.choice("aAb'. x") for _ in range(rng.randint(0, 5)))
+        lowercase = rng.random() < 0.5
+        ending = rng.choice(["a", "ab", "b a"] + ([] if lowercase else ["A"]))
+        revised = smallest_edit(text, ending=ending, lowercase=lowercase)[1]
+        assert canonical(revised, ending, lowercase), (text, ending, revised)
         distance = levenshtein(text, revised)
         if distance == 0:
             assert revised == text
         elif distance <= 3:
-            alphabet = sorted(set(text) | set(combo.get("end_marker", "")) | {" "})
-            assert not [s for s in edit_ball(text, distance - 1, alphabet) if not broken(s, combo)], (text, combo)
+            alphabet = sorted(set(text) | set(ending) | {" ", "!", ".", "x"})
+            closer = [s for s in edit_ball(text, distance - 1, alphabet) if canonical(s, ending, lowercase)]
+            assert not closer, (text, ending, closer[:3])
             checked += 1
-    assert checked > 60
+    assert checked > 150
 
 
-def test_revise_beats_constructed_edits():
-    """On answers like SmolLM2's, no hand-made satisfying edit is smaller than the reviser's."""
-    constraints = {"lowercase": True, "no_commas": True, "end_marker": "<~>"}
-    answers = ["The capital of France is Paris, a city known for art, food, and history. Have a nice day!",
-               "Sure! Here are three tips: sleep early, avoid screens, and keep a routine. <~",
-               "Water evaporates, forms clouds, and falls as rain.\n\n~> Have a great day."]
-    marker = constraints["end_marker"]
-    for text in answers:
-        revised = revise(text, constraints)
-        assert broken(revised, constraints) == []
-        fixed = text.lower().replace(",", "")
-        alternatives = [fixed + marker, fixed + " " + marker, fixed[:-1] + marker,
-                        text.lower().replace(",", " ") + marker, fixed.replace("~", "") + marker,
-                        *(fixed[:k] + marker for k in range(len(fixed)))]
-        for other in alternatives:
-            assert broken(other, constraints) == []
-            assert levenshtein(text, revised) <= levenshtein(text, other)
+def test_the_canonical_form_succeeds():
+    """What the reviser writes is a subset of what the primary metric accepts."""
+    rng = random.Random(1)
+    for _ in range(2000):
+        prompt = rng.choice([CAPITAL, LOWER, UNITS])
+        ending = rng.choice(prompt["keys"]).lower() if prompt["lowercase"] else rng.choice(prompt["keys"])
+        head = "".join(rng.choice("ab ,'!:(x.-") for _ in range(rng.randint(0, 6)))
+        text = head + ending + "".join(rng.choice(TAIL) for _ in range(rng.randint(0, 2)))
+        if canonical(text, ending, prompt["lowercase"]):
+            assert grade(text, "stop", prompt)["success"] or experiment.looping(text), text
+
+
+def test_injected_defects_fail_the_metric(prompts):
+    """Every prompt's right answers, with every defect and every pair of defects: all fail, and the two-defect
+    reply (W's rejected side) is the one-defect reply (W's chosen side) with one more."""
+    for prompt in prompts:
+        for right in prompt["phrasings"]:
+            right = right.lower() if prompt["lowercase"] else right
+            assert grade(right, "stop", prompt)["success"]
+            defects = experiment.defects_for(right, prompt)
+            for first in defects:
+                chosen = inject(right, prompt, [first])
+                assert not grade(chosen, "stop", prompt)["success"], (right, first)
+                for second in defects:
+                    if second != first:
+                        rejected = inject(right, prompt, [first, second])
+                        assert not grade(rejected, "stop", prompt)["success"] and rejected != chosen
+
+
+def test_fresh_answers_are_right_and_matched_in_length(prompts):
+    for prompt in prompts[:60]:
+        for length in (10, 40, 80):
+            fresh = experiment.fresh_answer(prompt, length, avoid=set())
+            assert grade(fresh, "stop", prompt)["success"]
+            assert experiment.fresh_answer(prompt, length, avoid={fresh}) != fresh
+
+
+def test_pairs_from_samples(prompts):
+    train = [p for p in prompts if p["split"] == "train"][:4]
+    def sample(prompt, k, text, reason="stop"):
+        return {"id": f"{prompt['id']}-{k}", "prompt_id": prompt["id"], "completion": text, "finish_reason": reason}
+
+    samples = ([sample(p, 0, p["phrasings"][1].lower() if p["lowercase"] else p["phrasings"][1]) for p in train]
+               + [sample(p, 1, "I do not know.") for p in train] + [sample(train[0], 2, "It is", reason="length")])
+    pairs, left_out = experiment.build_pairs(prompts, samples)
+    assert left_out == {"cut at the sampling limit": 1}
+    assert [p["rejected"] for p in pairs["clair"]] == [p["rejected"] for p in pairs["stronger"]]
+    assert [p["rejected"] for p in pairs["clair"]] == ["I do not know."] * 4
+    for kind, rows in pairs.items():
+        for pair in rows:
+            prompt = next(p for p in train if p["id"] == pair["prompt_id"])
+            assert grade(pair["chosen"], "stop", prompt)["success"] == (kind != "w")
+            assert not grade(pair["rejected"], "stop", prompt)["success"]
+    assert all(len(p["defects"]) == 2 for p in pairs["w"])
+
+
+def test_seed_shares_are_disjoint_by_prompt():
+    pairs = [{"id": f"q{n}-{k}", "prompt_id": f"q{n}"} for n in range(40) for k in range(2)]
+    draws = experiment.seed_shares(pairs, seeds=4, size=15)
+    prompts_of = [{i.split("-")[0] for i in draw} for draw in draws]
+    assert all(len(draw) == 15 for draw in draws)
+    assert all(not prompts_of[a] & prompts_of[b] for a in range(4) for b in range(a + 1, 4))
+    assert experiment.seed_shares(pairs, seeds=4, size=15) == draws
+
+
+def test_bootstrap_known_answers():
+    ones, zeros = np.ones((4, 100)), np.zeros((4, 100))
+    assert experiment.paired_bootstrap(ones, 2000)["p_one_sided"] == pytest.approx(1 / 2001)
+    assert experiment.paired_bootstrap(zeros, 2000)["p_one_sided"] == 1.0
+    rng = np.random.default_rng(3)
+    # Independent prompts, the same at every seed: the interval is the mean's, 1.96 standard errors wide.
+    column = rng.choice([-1.0, 0.0, 1.0], p=[0.2, 0.4, 0.4], size=400)
+    result = experiment.paired_bootstrap(np.tile(column, (4, 1)), 4000)
+    standard_error = column.std() / np.sqrt(len(column))
+    assert result["effect"] == pytest.approx(column.mean())
+    assert result["ci95"][0] < 0.2 < result["ci95"][1]
+    assert (result["ci95"][1] - result["ci95"][0]) / (2 * 1.96 * standard_error) == pytest.approx(1, abs=0.1)
+    assert result["p_one_sided"] < 0.001
+
+
+def test_holm_known_answers():
+    assert experiment.holm({"H1": 0.01, "H2": 0.04}) == pytest.approx({"H1": 0.02, "H2": 0.04})
+    assert experiment.holm({"H1": 0.04, "H2": 0.03}) == pytest.approx({"H1": 0.06, "H2": 0.06})
+    assert experiment.holm({"H1": 0.001, "H2": 0.3}) == pytest.approx({"H1": 0.002, "H2": 0.3})
+    assert experiment.holm({"H1": 0.7, "H2": 0.6}) == pytest.approx({"H1": 1.0, "H2": 1.0})
+
+
+def test_decision_rule_on_synthetic_arms():
+    rng = np.random.default_rng(0)
+    base = (rng.random((4, 1000)) < 0.4).astype(float)
+    better = np.maximum(base, rng.random((4, 1000)) < 0.2)  # about 12 points more successes
+    slightly = np.maximum(base, rng.random((4, 1000)) < 0.04)  # about 2.4 points: significant, too small to count
+    tables = {"clair_apo_zero": better, "stronger_apo_zero": base, "clair_apo_down": base, "w_apo_zero": base,
+              "w_apo_down": base}
+    decided = experiment.decide(tables, replicates=2000)
+    assert decided["H1"]["supported"] and decided["H2"]["supported"]
+    assert decided["H1"]["effect"] == pytest.approx((better - base).mean())
+    decided = experiment.decide({**tables, "clair_apo_zero": slightly}, replicates=2000)
+    assert decided["H1"]["reason"] == "significant but below the minimum effect" and not decided["H1"]["supported"]
+    decided = experiment.decide({**tables, "clair_apo_zero": base}, replicates=2000)
+    assert decided["H1"]["reason"] == decided["H2"]["reason"] == "not significant"
 
 
 def test_t_interval():
@@ -98,39 +212,38 @@ def test_t_interval():
                                                                           0.4 + 4.303 * 0.2 / 3 ** 0.5])
 
 
-def test_prompts_keep_test_questions_out_of_training():
-    args = experiment.parse_args(["--quick"])
-    prompts = experiment.build_prompts(args)
-    questions = {split: {p["question"] for p in prompts if p["split"] == split} for split in ("train", "val", "test")}
-    assert not questions["test"] & (questions["train"] | questions["val"]) and not questions["val"] & questions["train"]
-    assert all(p["constraints"].get("end_marker") in (None, *experiment.TEST_MARKERS)
-               for p in prompts if p["split"] == "test")
+def test_prompts_are_split_by_question(prompts):
+    splits = {split: [p for p in prompts if p["split"] == split] for split in ("train", "val", "test")}
+    assert {split: len(rows) for split, rows in splits.items()} == {"train": 350, "val": 50, "test": 100}
+    questions = {split: {p["question"] for p in rows} for split, rows in splits.items()}
+    assert not questions["test"] & (questions["train"] | questions["val"])
+    assert not questions["val"] & questions["train"]
+    assert all(sum(p["lowercase"] for p in rows) == len(rows) // 4 for rows in splits.values())
+    assert len({p["kind"] for p in splits["test"]}) == len(experiment.KIND_COUNTS)
 
 
 def test_quick_end_to_end(tiny_model, ref_cache, tmp_path):
-    """The CI smoke test: every stage on the tiny random model; a rerun redoes nothing."""
+    """The CI smoke test: every stage on the tiny random model; a rerun redoes nothing. The tiny model never
+    answers right, so the samples file is written here, one right and one wrong sample per prompt, and
+    clair.py sample finds nothing left to do."""
     out = tmp_path / "exp"
+    out.mkdir()
+    rows = []
+    for prompt in experiment.build_prompts(experiment.parse_args(["--quick"])):
+        if prompt["split"] != "test":
+            right = prompt["phrasings"][1].lower() if prompt["lowercase"] else prompt["phrasings"][1]
+            rows += [{"id": f"{prompt['id']}-{k}", "prompt_id": prompt["id"], "sample_index": k,
+                      "prompt": prompt["prompt"], "completion": text, "finish_reason": "stop"}
+                     for k, text in enumerate([right, "I do not know."])]
+    (out / "samples.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     results = experiment.main(["--quick", "--model", tiny_model, "--out", str(out)])
-    assert set(results["arms"]) == set(experiment.ARMS)
+    assert set(results["arms"]) == set(experiment.ARMS) and set(results["hypotheses"]) == {"H1", "H2"}
     for arm in results["arms"].values():
-        seed = arm["seeds"][0]
-        assert 0 <= seed["test"]["satisfaction"] <= 1 and seed["test"]["answers"]
-    assert json.loads((out / "results.json").read_text())["tuning"]["chosen_lr"] == results["tuning"]["chosen_lr"]
-    pairs = [json.loads(line) for line in (out / "clair_train.jsonl").read_text().splitlines()]
-    assert all(not broken(p["chosen"], c) for p in pairs for c in [
-        next(q["constraints"] for q in map(json.loads, (out / "prompts.jsonl").read_text().splitlines())
-             if q["id"] == p["id"])])
+        for record in arm["seeds"][0]["test"]:
+            assert {"answer", "finish_reason", "tokens", "success"} <= set(record) and record["tokens"] > 0
+    stored = json.loads((out / "results.json").read_text())
+    assert stored["hypotheses"]["H1"]["effect"] == results["hypotheses"]["H1"]["effect"]
+    assert len(stored["untrained"]["records"]["test"]) == len(results["arms"]["w_apo_down"]["seeds"][0]["test"])
     stamps = {p: p.stat().st_mtime for p in out.rglob("result.json")}
     experiment.main(["--quick", "--model", tiny_model, "--out", str(out)])
     assert {p: p.stat().st_mtime for p in out.rglob("result.json")} == stamps
-
-
-def test_degenerate_answers_are_flagged():
-    marker = {"end_marker": "^^^"}
-    assert experiment.degenerate("^" * 96, marker) and experiment.degenerate("<~>", {"end_marker": "<~>"})
-    assert experiment.degenerate("1" + "0" * 60, {}) and experiment.degenerate("ok ^^^", marker)
-    assert not experiment.degenerate("64 + 41 = 105^^^", marker)
-    assert not experiment.degenerate("the capital of germany is berlin.", {"lowercase": True})
-    prompts = [{"id": "a", "constraints": marker}, {"id": "b", "constraints": marker}]
-    answers = [{"id": "a", "answer": "^" * 30, "broken": []}, {"id": "b", "answer": "berlin^^^", "broken": []}]
-    assert experiment.substantive_satisfaction(answers, prompts) == 0.5

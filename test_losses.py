@@ -174,3 +174,26 @@ def test_traced_whole_by_torch_compile(name):
     torch.testing.assert_close(traced, eager)
     for e, c in zip(eager_inputs, compiled_inputs):
         torch.testing.assert_close(c.grad, e.grad)
+
+
+def test_the_default_beta_is_a_tenth():
+    pc, pr, rc, rr = (t.detach() for t in random_logps(8, 10.0, seed=5))
+    for loss_fn in LOSSES.values():
+        torch.testing.assert_close(loss_fn(pc, pr, rc, rr), loss_fn(pc, pr, rc, rr, beta=0.1), atol=0, rtol=0)
+    desirable = torch.arange(8) % 2 == 0
+    torch.testing.assert_close(apo_zero_unpaired_loss(pc, rc, desirable),
+                               apo_zero_unpaired_loss(pc, rc, desirable, beta=0.1), atol=0, rtol=0)
+    torch.testing.assert_close(rewards(pc, pr, rc, rr), rewards(pc, pr, rc, rr, beta=0.1), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_a_float32_gradient_is_not_rounded_through_its_bfloat16_neighbour(name):
+    """Each gradient comes back in its own input's dtype, computed in float32: a bfloat16 chosen log-prob beside
+    a float32 rejected one leaves the rejected gradient exactly that of all-float32 inputs."""
+    pc, pr, rc, rr = random_logps(16, 10.0, seed=11, dtype=torch.float32)
+    chosen_bf16 = pc.detach().to(torch.bfloat16).requires_grad_()
+    LOSSES[name](chosen_bf16, pr, rc, rr, beta=BETA).sum().backward()
+    chosen_fp32, rejected = chosen_bf16.detach().float().requires_grad_(), pr.detach().clone().requires_grad_()
+    LOSSES[name](chosen_fp32, rejected, rc.detach(), rr.detach(), beta=BETA).sum().backward()
+    assert chosen_bf16.grad.dtype == torch.bfloat16 and pr.grad.dtype == torch.float32
+    assert torch.equal(pr.grad, rejected.grad)

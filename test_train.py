@@ -746,3 +746,24 @@ def test_packing_needs_both_measurements_exact(tiny_model, monkeypatch, gaps):
     monkeypatch.setattr(batching, "packing_gaps", lambda *args: torch.tensor(gaps))
     collate, how = batching.choose_collate(model, [], indices=[0], packing="auto", device="cpu", dtype="fp32")
     assert collate is batching.padded and "packed sequences mix" in how
+
+
+def test_the_plan_deals_each_epochs_pairs_once_in_steps_of_grad_accum_micro_batches():
+    args = types.SimpleNamespace(epochs=2, batch_size=2, grad_accum=3, seed=0, max_steps=0)
+    steps = train.plan_steps(12, args)
+    assert [(step.epoch, [len(batch) for batch in step.shares[0]]) for step in steps] == [(0, [2, 2, 2])] * 2 + [
+        (1, [2, 2, 2])] * 2
+    for epoch in (0, 1):
+        assert sorted(i for step in steps if step.epoch == epoch for i in step.pairs) == list(range(12))
+    assert train.plan_steps(12, types.SimpleNamespace(**{**vars(args), "max_steps": 3})) == steps[:3]
+
+
+def test_pairs_logps_gives_every_pair_its_own_log_probs_in_any_batch_size(tiny_model):
+    """Five pairs in batches of three: the last, short batch included, each row is that pair's own forward."""
+    tokenizer, model = language_model.load_model(tiny_model)
+    pairs = chat_pairs(tokenizer, 5)
+    model.eval()
+    with torch.no_grad():
+        alone = torch.stack([logprobs.sequence_logps(model, batching.padded(pairs, [i], "cpu")) for i in range(5)])
+    got = logprobs.pairs_logps(model, pairs, batching.padded, 3, torch.device("cpu"), "fp32")
+    torch.testing.assert_close(got, alone, atol=1e-5, rtol=0)
