@@ -395,14 +395,13 @@ def sample_locally(args, jobs, record):
 
     Each answer samples with its own seed (sample_seed), so a resumed run writes the rows an uninterrupted
     one would."""
-    import torch
     from tqdm import tqdm
 
-    from language_model import default_dtype, generate, load_model
+    from language_model import default_device, default_dtype, generate, load_model
 
     skip = {row["id"] for row in written_rows(args.out)}
     todo = [job for job in jobs if job[0] not in skip]
-    tokenizer, model = load_model(args.model, "cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer, model = load_model(args.model, default_device())
     model.eval()
     top_p = 1.0 if args.top_p is None else args.top_p
     settings = {"model": args.model, "temperature": args.temperature, "top_p": top_p, "max_tokens": args.max_tokens,

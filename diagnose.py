@@ -49,11 +49,10 @@ from checkpoints import read_state
 from clair import ChatClient, FatalRequestError, HelpFormatter, RetriesExhausted, copy_ratio, prompt_text, sample_seed
 from distributed import unwrap
 from evaluate import NUMBER_WORDS, collate_for, judge_client, matches, pairwise, read_prompts
-from language_model import (DEFAULT_MODEL, MAX_LENGTH, MAX_PROMPT_LENGTH, autocast, default_dtype, generate,
-                            load_model, setting_error, tokenize_pairs)
+from language_model import (DEFAULT_MODEL, MAX_LENGTH, MAX_PROMPT_LENGTH, autocast, default_device, default_dtype,
+                            generate, load_model, setting_error, tokenize_pairs)
 from logprobs import MODEL_INPUTS, head_only_at, pairs_logps
-from preference_data import DataError, as_messages, read_jsonl
-from train import DEFAULT_TRAIN
+from preference_data import BUNDLED_TRAIN, DataError, as_messages, read_jsonl
 
 Z_95 = 1.959963984540054  # the standard normal's 97.5% quantile
 
@@ -102,7 +101,7 @@ def parse_args(argv):
     p.add_argument("--top", type=int, default=5, help="pairs flagged in the table: the highest CHES scores")
     p.add_argument("--out", help="write the report, every per-pair value in it, here as JSON")
     args = p.parse_args(argv)
-    args.dtype = args.dtype or default_dtype(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    args.dtype = args.dtype or default_dtype(default_device())
     if why := setting_error(args.max_length, args.max_prompt_length, None, args.dtype):
         p.error(why)
     return args
@@ -388,7 +387,7 @@ def measure(args, rows, trl_columns, answer, device):
 def run(args):
     """The report of --data against --model. A server that fails its check stops the run before any long work; a
     judge that fails later leaves the per-pair values and fresh answers in --out."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     rows, drops = preference_data.load_pairs(args.data)
     rows = rows[:args.limit] if args.limit else rows
     keys, trl_columns = answer_keys(args, rows), preference_data.read_reference_logps(args.data)
@@ -573,7 +572,7 @@ def chosen_logp_change(run, batch_size, device):
         raise DataError(f"{run}/final: no trainer_state.json; give train.py --out folders")
     trained = state["args"]
     settings = argparse.Namespace(model=trained["model"], batch_size=batch_size, packing="auto", dtype=trained["dtype"])
-    data = trained["data"] or DEFAULT_TRAIN
+    data = trained["data"] or BUNDLED_TRAIN
     rows, _ = preference_data.load_pairs(data)
     tokenizer, model = load_model(trained["model"], device)
     rows, pairs, _ = tokenize_rows(tokenizer, rows, trained["max_length"], trained["max_prompt_length"])
@@ -600,7 +599,7 @@ def displacement(argv):
     p.add_argument("--out", default="diagnose_ches.png", help="the scatter plot to write")
     p.add_argument("--batch-size", type=int, default=8)
     args = p.parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     try:
         runs = dict(chosen_logp_change(run, args.batch_size, device) for run in args.runs)
     except DataError as e:

@@ -28,8 +28,8 @@ from apo import LOSSES
 from batching import choose_collate
 from checkpoints import read_state
 from clair import ChatClient, FatalRequestError, HelpFormatter, RetriesExhausted, fill, judge, prompt_text
-from language_model import (MAX_LENGTH, MAX_PROMPT_LENGTH, default_dtype, generate, load_model, setting_error,
-                            tokenize_pairs)
+from language_model import (MAX_LENGTH, MAX_PROMPT_LENGTH, default_device, default_dtype, generate, load_model,
+                            setting_error, tokenize_pairs)
 from logprobs import pair_metrics, pairs_logps
 
 GRADER_PROMPT = """\
@@ -94,7 +94,7 @@ def parse_args(argv):
             p.error(f"the checkpoints were trained with different {name} ({', '.join(sorted(map(repr, values)))}): "
                     f"give --{flag.replace('_', '-')}")
         setattr(args, flag, values.pop() if values else fallback)
-    args.dtype = args.dtype or default_dtype(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    args.dtype = args.dtype or default_dtype(default_device())
     max_length, max_prompt_length = (args.max_length, args.max_prompt_length) if args.data else (MAX_LENGTH,
                                                                                                  MAX_PROMPT_LENGTH)
     if why := setting_error(max_length, max_prompt_length, args.attn_implementation, args.dtype):
@@ -328,7 +328,7 @@ def main(argv=None):
     if argv[:1] == ["plot"]:
         return plot(argv[1:])
     args = parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     if args.ref is None:
         print("no reference: --model is evaluated alone, and no reference model is compared")
     results = {"model": args.model, "ref": args.ref}

@@ -42,13 +42,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 import clair
 import evaluate
 import train
 from evaluate import matches, normalise
-from language_model import DEFAULT_MODEL, default_dtype, generate, load_model
+from language_model import DEFAULT_MODEL, default_device, default_dtype, generate, load_model
 from preference_data import read_jsonl
 
 # ----------------------------------------------------------------------------- the task
@@ -473,7 +472,7 @@ ARMS = {"clair_apo_zero": ("clair", "apo_zero"), "clair_apo_down": ("clair", "ap
 
 def answer_prompts(model_path, prompts, args):
     """A model's greedy replies, each a record: text, finish reason, true token count and the metric's checks."""
-    tokenizer, model = load_model(model_path, "cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer, model = load_model(model_path, default_device())
     model.eval()
     records = []
     for start in range(0, len(prompts), args.gen_batch):

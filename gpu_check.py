@@ -41,7 +41,7 @@ from batching import PACKING_TOL, attention_break_even, choose_collate, one_row,
 from language_model import DEFAULT_MODEL, MAX_LENGTH, MAX_PROMPT_LENGTH, autocast, disable_dropout, load_model
 from language_model import tokenize_pairs
 from logprobs import pairs_logps, sequence_logps
-from preference_data import load_pairs
+from preference_data import BUNDLED_TRAIN, load_pairs
 from testbed import arithmetic_pairs, make_tiny_model, write_jsonl
 
 HERE = Path(__file__).resolve().parent
@@ -88,7 +88,7 @@ def skipped(check, why):
 
 def clair_pairs(tokenizer, count):
     """The first `count` bundled CLAIR pairs that survive train.py's truncation, as token ids."""
-    rows, _ = load_pairs(train.DEFAULT_TRAIN)
+    rows, _ = load_pairs(BUNDLED_TRAIN)
     pairs, _ = tokenize_pairs(tokenizer, rows[:4 * count], MAX_LENGTH, MAX_PROMPT_LENGTH)
     return pairs[:count]
 

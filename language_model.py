@@ -103,6 +103,11 @@ def disable_dropout(model):
                 setattr(module, name, 0.0)
 
 
+def default_device():
+    """The GPU where there is one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def default_dtype(device):
     """--dtype when not given: bf16 on CUDA, fp32 elsewhere."""
     return "bf16" if device.type == "cuda" else "fp32"

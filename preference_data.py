@@ -12,6 +12,10 @@ import re
 from collections import Counter
 from pathlib import Path
 
+# The bundled CLAIR pairs (data/README.md): train.py's default --data and --eval-data.
+BUNDLED_TRAIN = Path(__file__).resolve().parent / "data" / "clair_train.jsonl"
+BUNDLED_EVAL = BUNDLED_TRAIN.with_name("clair_eval.jsonl")
+
 
 class DataError(ValueError):
     """Bad input, with the file, line and field it came from."""

@@ -330,3 +330,20 @@ def test_displacement_of_a_short_run(tmp_path, tiny_model, ref_cache):
     (result,) = results.values()
     assert result["pairs"] == 8 and -1 <= result["spearman_ches"]["rho"] <= 1
     assert (tmp_path / "ches.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("family", ["Gemma2Config", "padless"])
+def test_diagnose_beyond_the_tiny_llama(tmp_path, family, padless_model, ref_cache):
+    """A soft-capping family with a head of its own, and a tokenizer without a pad token (Llama-3's way): fresh
+    answers, CHES and reference log-probs come out for every pair, keyed rows compared by code."""
+    import transformers
+
+    from testbed import make_tiny_model
+
+    model = padless_model if family == "padless" else make_tiny_model(
+        tmp_path / "model", config_class=getattr(transformers, family), head_dim=8)
+    rows = [{**row, "answer": row["chosen"].split("= ")[1].rstrip(".")} for row in arithmetic_pairs(3)]
+    report = diagnose.main(["--model", model, "--data", write_jsonl(tmp_path / "pairs.jsonl", rows),
+                            "--max-new-tokens", "4", "--batch-size", "2"])
+    assert report["pairs"] == 3 and report["chosen_vs_model"]["by_answer_key"] == 3
+    assert all(torch.isfinite(torch.tensor([v["ches"], v["ref_logp_chosen"]])).all() for v in report["per_pair"])

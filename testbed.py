@@ -5,9 +5,12 @@ causal LM of any transformers family with a byte-level chat tokenizer, arithmeti
 format, and an OpenAI-compatible /v1/chat/completions server on 127.0.0.1 with scripted replies and faults.
 """
 
+import http.server
 import json
 import random
 import socket
+import threading
+import time
 
 import torch
 
@@ -74,6 +77,54 @@ def arithmetic_pairs(n, seed=0):
     return rows
 
 
+class ChatHandler(http.server.BaseHTTPRequestHandler):
+    """One request to a ChatServer (`self.server.chat`): recorded, then answered, or failed by its next fault."""
+    protocol_version = "HTTP/1.1"
+    FAULTS = {"429": (429, '{"error": "rate limited"}', [("Retry-After", "0.05")]), "500": (500, '{"error": "boom"}', []),
+              "401": (401, '{"error": "invalid api key"}', []), "badjson": (200, "<html>not json", []),
+              "nochoices": (200, '{"choices": []}', [])}
+
+    def log_message(self, *args):
+        pass
+
+    def setup(self):
+        super().setup()  # headers and body go out in two writes: no 40 ms Nagle/delayed-ACK stall
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def send(self, status, body, headers=()):
+        data = body.encode()
+        self.send_response(status)
+        for k, v in headers:
+            self.send_header(k, v)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_POST(self):
+        chat = self.server.chat
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        with chat.lock:
+            chat.requests.append(body)
+            chat.headers.append(dict(self.headers))
+            fault = chat.faults.pop(0) if chat.faults else None
+        if self.path != "/v1/chat/completions":
+            return self.send(404, '{"error": "not found"}')
+        if fault in self.FAULTS:
+            return self.send(*self.FAULTS[fault])
+        if fault == "drop":
+            self.close_connection = True
+            self.connection.shutdown(2)
+            return
+        if fault == "slow":
+            time.sleep(chat.slow_seconds)
+        time.sleep(chat.delay)
+        content = chat.reply(body)
+        self.send(200, json.dumps({"object": "chat.completion", "model": body["model"],
+                                   "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                                                "finish_reason": chat.finish_reason}]}))
+
+
 class ChatServer:
     """A real HTTP server on loopback serving /v1/chat/completions, with scripted replies and faults.
 
@@ -85,68 +136,12 @@ class ChatServer:
     """
 
     def __init__(self, reply, faults=(), delay=0.0, slow_seconds=2.0, finish_reason="stop"):
-        import http.server
-        import threading
-
         self.reply, self.faults, self.delay, self.slow_seconds = reply, list(faults), delay, slow_seconds
         self.finish_reason = finish_reason
         self.requests, self.headers, self.lock = [], [], threading.Lock()
-        server = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def setup(self):
-                super().setup()  # headers and body go out in two writes: no 40 ms Nagle/delayed-ACK stall
-                self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-            def send(self, status, body, headers=()):
-                data = body.encode()
-                self.send_response(status)
-                for k, v in headers:
-                    self.send_header(k, v)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def do_POST(self):
-                import time
-
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with server.lock:
-                    server.requests.append(body)
-                    server.headers.append(dict(self.headers))
-                    fault = server.faults.pop(0) if server.faults else None
-                if self.path != "/v1/chat/completions":
-                    return self.send(404, '{"error": "not found"}')
-                if fault == "429":
-                    return self.send(429, '{"error": "rate limited"}', [("Retry-After", "0.05")])
-                if fault == "500":
-                    return self.send(500, '{"error": "boom"}')
-                if fault == "401":
-                    return self.send(401, '{"error": "invalid api key"}')
-                if fault == "badjson":
-                    return self.send(200, "<html>not json")
-                if fault == "nochoices":
-                    return self.send(200, '{"choices": []}')
-                if fault == "drop":
-                    self.close_connection = True
-                    self.connection.shutdown(2)
-                    return
-                if fault == "slow":
-                    time.sleep(server.slow_seconds)
-                time.sleep(server.delay)
-                content = server.reply(body)
-                self.send(200, json.dumps({"object": "chat.completion", "model": body["model"],
-                                           "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
-                                                        "finish_reason": server.finish_reason}]}))
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), ChatHandler)
         self.httpd.daemon_threads = True
+        self.httpd.chat = self
         self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 

@@ -33,21 +33,18 @@ from batching import choose_collate, train_batches
 from checkpoints import checkpoint_state, latest_checkpoint, load_checkpoint, save_checkpoint, trim_metrics
 from distributed import (broadcast_object, log0, max_over_processes, rank, rank0_first, setup, sharded,
                          sum_over_processes, teardown, world_size, wrap_model)
-from language_model import (DEFAULT_MODEL, MAX_LENGTH, MAX_PROMPT_LENGTH, autocast, default_dtype, disable_dropout,
-                            load_model, setting_error, tokenize_pairs)
+from language_model import (DEFAULT_MODEL, MAX_LENGTH, MAX_PROMPT_LENGTH, autocast, default_device, default_dtype,
+                            disable_dropout, load_model, setting_error, tokenize_pairs)
 from logprobs import METRICS, pair_metrics, pair_stats, pairs_logps, sequence_logps
-from preference_data import DataError, load_pairs
+from preference_data import BUNDLED_EVAL, BUNDLED_TRAIN, DataError, load_pairs
 
-HERE = Path(__file__).resolve().parent
-DEFAULT_TRAIN = HERE / "data" / "clair_train.jsonl"
-DEFAULT_EVAL = HERE / "data" / "clair_eval.jsonl"
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL, help="local path or hub id; default: the embedded SmolLM2")
     p.add_argument("--data", default=None, help="train pairs: JSONL, .parquet or a Hub dataset id "
-                   f"(default: {DEFAULT_TRAIN.relative_to(HERE)})")
+                   f"(default: {BUNDLED_TRAIN.relative_to(BUNDLED_TRAIN.parents[1])})")
     p.add_argument("--eval-data", default=None, help="held-out pairs, as --data (default: bundled, or --eval-fraction)")
     p.add_argument("--eval-fraction", type=float, default=0.05, help="held out from --data without --eval-data")
     p.add_argument("--loss", choices=sorted(LOSSES), default="apo_zero")
@@ -84,7 +81,7 @@ def parse_args(argv=None):
                         "distributed-checkpoint files whose metadata is a pickle: resume only runs you made yourself")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    args.dtype = args.dtype or default_dtype(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    args.dtype = args.dtype or default_dtype(default_device())
     if why := setting_error(args.max_length, args.max_prompt_length, args.attn_implementation, args.dtype):
         p.error(why)
     if args.epochs < 1:
@@ -98,8 +95,8 @@ def parse_args(argv=None):
 
 def load_splits(args):
     """(train rows, eval rows, drop counts) from --data / --eval-data / --eval-fraction."""
-    train, drops = load_pairs(args.data or DEFAULT_TRAIN)
-    eval_path = args.eval_data or (DEFAULT_EVAL if args.data is None else None)
+    train, drops = load_pairs(args.data or BUNDLED_TRAIN)
+    eval_path = args.eval_data or (BUNDLED_EVAL if args.data is None else None)
     if eval_path:
         held_out, eval_drops = load_pairs(eval_path)
         return train, held_out, drops + Counter({f"eval: {k}": v for k, v in eval_drops.items()})
