@@ -19,7 +19,7 @@ import torch
 
 from distributed import max_over_processes, unwrap
 from language_model import autocast
-from logprobs import sequence_logps
+from logprobs import FULL_LOGITS, check_fused_head, sequence_logps
 
 
 def train_batches(n, batch_size, seed, epoch):
@@ -164,17 +164,31 @@ PACKING_TOL = {"fp32": 1e-5, "bf16": 5e-2}
 
 
 def choose_collate(model, pairs, indices, packing, device, dtype):
-    """The collate for `model` under --packing auto|on|off, and what to print about it.
+    """The collate for `model` under --packing auto|on|off, and what to print about it; both measured on the
+    micro-batch `indices`, no grad, in the training's compute dtype (FSDP's bf16 mixed precision allows no
+    other), the same batch on every process: first whether the fused LM head reproduces the model's logits
+    (logprobs.check_fused_head, on the shortest pair: the model's own logits exist whole there), then the
+    layout (packed_or_padded)."""
+    kind = unwrap(model).config.model_type
+    shortest = min(indices, key=lambda i: len(pairs[i]["chosen"]) + len(pairs[i]["rejected"]))
+    head_gap = check_fused_head(model, padded(pairs, [shortest], device), dtype)  # whole logits: one pair's
+    head = (f"LM head fused with the log-softmax ({head_gap:.1g} nats per token from the model's logits)"
+            if unwrap(model) not in FULL_LOGITS else
+            f"LM head whole at targets: the fused head is {head_gap:.1g} nats per token from {kind}'s logits")
+    layout, how = packed_or_padded(model, pairs, indices, packing, device, dtype)
+    return layout, f"{how}; {head}"
+
+
+def packed_or_padded(model, pairs, indices, packing, device, dtype):
+    """choose_collate's layout, and what to say of it.
 
     Packing is exact only when nothing carries from one sequence to the next in a row: attention masked per
     sequence by transformers, and no convolution or recurrent state across the row (gated-delta-net and
     Mamba-1/2 layers carry it; OPT ignores packed position ids in its mask). Rather than keep a list of
-    families, it is measured on the micro-batch `indices`, no grad, in the training's compute dtype (FSDP's
-    bf16 mixed precision allows no other): all its sequences packed in one row against one sequence per row,
+    families, it is measured: all the micro-batch's sequences packed in one row against one sequence per row,
     and that row against the same row with its first sequence's tokens reversed, which the sequences after
-    it must not notice. Every process measures the same batch and takes the same decision. Flash attention
-    takes one row (varlen kernels, linear in its length); under SDPA, whose work is quadratic in a row's
-    width, pack_rows weighs that against padding (attention_break_even).
+    it must not notice. Flash attention takes one row (varlen kernels, linear in its length); under SDPA,
+    whose work is quadratic in a row's width, pack_rows weighs that against padding (attention_break_even).
     """
     kind = unwrap(model).config.model_type
     if packing == "off":

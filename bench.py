@@ -1,7 +1,9 @@
 """Measure the training path against its targets, side by side in one run, and print a table.
 
     python bench.py              # SmolLM2-135M-Instruct on the bundled CLAIR data (about 10 minutes on 2 CPU cores)
-    python bench.py --tiny       # a tiny random Llama instead: the whole table in about 30 seconds
+    python bench.py --peer trl   # also TRL's DPOTrainer on the same pairs, rows 8 (pip install trl)
+    python bench.py --tiny       # a tiny random Llama instead: the whole table in about a minute
+    python bench.py --rows 5,9   # only those rows
     python bench.py --gpu        # on CUDA: tokens/s, MFU and peak memory for SmolLM2-135M and a 1.1B Llama, bf16
 
 Rows: (1) train.py's full training step against a bare padded forward+backward of the same pairs;
@@ -9,11 +11,15 @@ Rows: (1) train.py's full training step against a bare padded forward+backward o
 a cache hit; (4) peak memory with precomputed reference log-probs against a live reference model, and of
 the log-prob computation against the naive float32 log-softmax; (5) clair.py against a loopback server
 that answers after 100 ms, and Levenshtein on 3,000-character pairs; (6) GPU throughput (--gpu); (7) how
-a training step scales with the micro-batch: 4, 8 and 16 pairs of random tokens, up to 512 each.
+a training step scales with the micro-batch: 4, 8 and 16 pairs of random tokens, up to 512 each; (8) the
+same steps against TRL's DPOTrainer (apo_zero, precomputed reference log-probs), gradient checkpointing off
+and on, and this project's selective checkpointing; (9) a 262k vocabulary, the LM head fused against whole;
+(10) what a training forward keeps for the backward per token, by module.
 Memory rows run in child processes (peak RSS on CPU, peak allocated on CUDA) so they do not mix.
 """
 
 import argparse
+import collections
 import functools
 import importlib.util
 import json
@@ -22,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 import torch
@@ -29,8 +36,9 @@ import torch
 import preference_data
 import train
 from batching import choose_collate, model_shape, padded, train_batches
-from language_model import DEFAULT_MODEL, autocast, default_dtype, disable_dropout, load_model, tokenize_pairs
-from logprobs import pairs_logps
+from language_model import (DEFAULT_MODEL, autocast, default_dtype, disable_dropout, enable_checkpointing, load_model,
+                            tokenize_pairs)
+from logprobs import FULL_LOGITS, pairs_logps, sequence_logps
 from reference_cache import reference_logps, weights_fingerprint
 from testbed import ChatServer, make_tiny_model
 
@@ -43,11 +51,14 @@ def row(measurement, value, target="", met=None):
     print(f"  {measurement}: {value}", flush=True)
 
 
+def model_path(args):
+    """--model, or with --tiny a tiny random Llama made here (the same weights in every process: seed 0)."""
+    return make_tiny_model(Path(tempfile.mkdtemp()) / "tiny") if args.tiny else args.model
+
+
 def setup(args, device):
     """Model, tokenised bundled pairs, optimizer, and the first optimizer step's micro-batches."""
-    if args.tiny:
-        args.model = make_tiny_model(Path(tempfile.mkdtemp()) / "tiny")
-    tokenizer, model = load_model(args.model, device)
+    tokenizer, model = load_model(model_path(args), device)
     disable_dropout(model)
     rows, _ = preference_data.load_pairs(HERE / "data" / "clair_train.jsonl")
     pairs, _ = tokenize_pairs(tokenizer, rows, 512, 192)
@@ -177,22 +188,29 @@ def peak_memory(device):
 
 
 def child(args, mode):
-    """In a fresh process (run by bench_memory and bench_scaling): the peak memory of two training steps,
-    or for mode 'scale', the tokens/s and peak memory of a step on --batch-size random pairs."""
+    """In a fresh process (run by bench_memory, bench_scaling, bench_peer and bench_vocabulary): the peak memory
+    of two training steps; for mode 'scale', the tokens, tokens/s and peak memory of a step on --batch-size
+    random pairs, with --checkpointing, and with the LM head --head fused or whole; for mode 'trl', the same
+    measured on TRL's DPOTrainer."""
+    if mode == "trl":
+        return trl_child(args)
     device = torch.device(args.device)
     tokenizer, model, pairs, optimizer, batches, collate = setup(args, device)
     dtype = default_dtype(device)
+    if args.checkpointing != "none":
+        enable_checkpointing(model, args.checkpointing)
+    if args.head == "whole":
+        FULL_LOGITS.add(model)
     model.train()
     if mode == "scale":  # one micro-batch: a warm-up step, then a timed one
         pairs = random_pairs(args.batch_size, model.config.vocab_size)
         step = [list(range(len(pairs)))]
         ref = initial_logps(model, pairs, step[0], device, dtype, collate)
         seconds = timed(lambda: train_step(model, optimizer, pairs, ref, step, collate, dtype), 1)
-        tokens = sum(2 * len(p["prompt"]) + len(p["chosen"]) + len(p["rejected"]) for p in pairs)
-        return f"{tokens} {tokens / seconds} {peak_memory(device)}"
+        return f"{pair_tokens(pairs)} {pair_tokens(pairs) / seconds} {peak_memory(device)}"
     reference = None
     if mode == "live":
-        _, reference = load_model(args.model, device)
+        _, reference = load_model(model_path(args), device)
         reference.eval()
     for indices in batches[:2]:
         if mode == "naive":  # full-vocabulary float32 log-softmax of the padded batch
@@ -211,10 +229,56 @@ def child(args, mode):
     return peak_memory(device)
 
 
-def in_child(args, mode, batch_size):
-    """The numbers child(args, mode) prints, from a fresh process."""
-    command = [sys.executable, __file__, "--child", mode, "--model", args.model, "--device", args.device,
-               "--batch-size", str(batch_size)] + (["--tiny"] if args.tiny else [])
+def pair_tokens(pairs):
+    """The tokens a step on `pairs` processes: each prompt twice, each completion once."""
+    return sum(2 * len(p["prompt"]) + len(p["chosen"]) + len(p["rejected"]) for p in pairs)
+
+
+def trl_child(args):
+    """TRL's DPOTrainer on mode 'scale''s pairs (the same seed, the same token ids) and initial weights: loss_type
+    apo_zero, precompute_ref_log_probs, --batch-size pairs a step, full gradient checkpointing or none; a warm-up
+    step and a timed one."""
+    try:
+        from datasets import Dataset
+        from trl import DPOConfig, DPOTrainer
+    except ImportError:
+        sys.exit("--peer trl runs TRL's DPOTrainer: pip install trl")
+    from transformers import TrainerCallback
+
+    device = torch.device(args.device)
+    tokenizer, model = load_model(model_path(args), device)
+    pairs = random_pairs(args.batch_size, model.config.vocab_size)
+    dataset = Dataset.from_list([{"prompt_ids": p["prompt"], "chosen_ids": p["chosen"], "rejected_ids": p["rejected"]}
+                                 for p in pairs])
+
+    class TokenIds(DPOTrainer):
+        def _prepare_dataset(self, dataset, *args, **kwargs):
+            return dataset  # already TRL's tokenised columns: the bench's own token ids, not a re-tokenisation
+
+    seconds = []
+
+    class StepTime(TrainerCallback):
+        def on_step_begin(self, *args, **kwargs):
+            seconds.append(-time.perf_counter())
+
+        def on_step_end(self, *args, **kwargs):
+            seconds[-1] += time.perf_counter()
+
+    config = DPOConfig(output_dir=tempfile.mkdtemp(), loss_type="apo_zero", beta=0.1, learning_rate=1e-7,
+                       per_device_train_batch_size=len(pairs), max_steps=2, max_length=None,
+                       precompute_ref_log_probs=True, gradient_checkpointing=args.checkpointing == "full",
+                       bf16=device.type == "cuda", use_cpu=device.type == "cpu", report_to="none",
+                       save_strategy="no", logging_steps=1, dataloader_num_workers=0, seed=0)
+    TokenIds(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
+             callbacks=[StepTime()]).train()
+    return f"{pair_tokens(pairs)} {pair_tokens(pairs) / seconds[-1]} {peak_memory(device)}"
+
+
+def in_child(args, mode, batch_size, checkpointing="none", head="fused", model=None):
+    """The numbers child(args, mode) prints, from a fresh process, on --model or `model` (a path)."""
+    command = [sys.executable, __file__, "--child", mode, "--model", model or args.model, "--device", args.device,
+               "--batch-size", str(batch_size), "--checkpointing", checkpointing, "--head", head]
+    command += ["--tiny"] if args.tiny and model is None else []
     out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     return [float(x) for x in out.strip().splitlines()[-1].split()]
 
@@ -247,6 +311,77 @@ def bench_scaling(args):
         "memory <= tokens", peak_16 / peak_4 <= tokens_16 / tokens_4)
 
 
+def bench_peer(args):
+    """Rows 8: this project's step and TRL's DPOTrainer's (trl_child) on the same random pairs, 4 and 16 a
+    micro-batch, each in a fresh process; checkpointing off on both, full on both, and this project's selective."""
+    gib = 2 ** 30
+    for n in (4, 16):
+        ours = {which: in_child(args, "scale", n, which) for which in ("none", "selective", "full")}
+        for which in ("none", "full"):
+            tokens, speed, peak = ours[which]
+            _, trl_speed, trl_peak = in_child(args, "trl", n, which)
+            row(f"8. {n} random pairs ({tokens:.0f} tokens), checkpointing {'off' if which == 'none' else 'full'} "
+                f"on both: this project / TRL {version('trl')}",
+                f"{speed:.0f} / {trl_speed:.0f} tokens/s = {speed / trl_speed:.2f}x; peak {peak / gib:.2f} / "
+                f"{trl_peak / gib:.2f} GiB = {peak / trl_peak:.2f}x", ">= 1.5x speed, <= 0.5x memory",
+                speed >= 1.5 * trl_speed and peak <= 0.5 * trl_peak)
+        (_, plain_speed, plain_peak), (_, speed, peak) = ours["none"], ours["selective"]
+        row(f"8. {n} random pairs, this project's selective checkpointing / none",
+            f"{speed / plain_speed:.2f}x tokens/s, {peak / plain_peak:.2f}x peak ({peak / gib:.2f} GiB)")
+
+
+def bench_vocabulary(args):
+    """Row 9: a tiny random Llama with Gemma-3's 262,144-token vocabulary (hidden size 64, untied head), where the
+    logits dominate: a step on 8 random pairs with the LM head fused, against the head run whole at targets."""
+    gib = 2 ** 30
+    folder = make_tiny_model(Path(tempfile.mkdtemp()) / "vocab", vocab_size=262_144, hidden_size=64,
+                             intermediate_size=128)
+    (tokens, whole_speed, whole_peak), (_, speed, peak) = (in_child(args, "scale", 8, head=head, model=folder)
+                                                           for head in ("whole", "fused"))
+    row(f"9. 262k vocabulary, 8 random pairs ({tokens:.0f} tokens): LM head fused / whole at targets",
+        f"{speed:.0f} / {whole_speed:.0f} tokens/s = {speed / whole_speed:.2f}x; peak {peak / gib:.2f} / "
+        f"{whole_peak / gib:.2f} GiB = {peak / whole_peak:.2f}x", ">= 0.95x speed, <= 0.5x memory",
+        speed >= 0.95 * whole_speed and peak <= 0.5 * whole_peak)
+
+
+def bench_saved(args, device):
+    """Row 10: what a training forward keeps for the backward, per token, by the kind of module that keeps it,
+    without checkpointing: one forward of 1,024 random tokens through sequence_logps, every tensor saved for
+    the backward counted once, by storage, parameters left out."""
+    tokenizer, model = load_model(model_path(args), device)
+    disable_dropout(model)
+    model.train()
+    kinds, saved = ["outside any module"], collections.Counter()  # kinds: the modules running, innermost last
+
+    def leave(module, inputs, output):
+        kinds.pop()
+
+    for name, module in model.named_modules():
+        kind = type(module).__name__ + (f" {name.rsplit('.', 1)[-1]}" if isinstance(module, torch.nn.Linear) else "")
+        module.register_forward_pre_hook(lambda module, inputs, kind=kind: kinds.append(kind))
+        module.register_forward_hook(leave)
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = set()
+
+    def count(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights | seen:
+            seen.add(storage.data_ptr())
+            saved[kinds[-1]] += storage.nbytes()
+        return tensor
+
+    ids = torch.randint(0, model.config.vocab_size, (1, 1024), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids.to(device), "position_ids": torch.arange(1024, device=device)[None],
+             "targets": (torch.zeros(1023, dtype=torch.long, device=device), torch.arange(1023, device=device)),
+             "labels": ids[0, 1:].to(device), "sequence": torch.zeros(1023, dtype=torch.long, device=device),
+             "sequences": 1}
+    with torch.autograd.graph.saved_tensors_hooks(count, lambda tensor: tensor), autocast(device, "fp32"):
+        sequence_logps(model, batch)
+    kib = {kind: n / 1024 / 1024 for kind, n in saved.most_common()}
+    row("10. kept for the backward per token, float32, no checkpointing", f"{sum(kib.values()) / 1024:.2f} MiB: "
+        + ", ".join(f"{kind} {value:.0f} KiB" for kind, value in kib.items() if value >= 1))
+
+
 def serve(urls, stop):
     """The loopback server, in its own process so that it does not share the client's interpreter lock."""
     with ChatServer(lambda body: "{corrected_student_solution}: ok", delay=0.1) as server:
@@ -259,7 +394,7 @@ def bench_clair():
 
     import clair
 
-    n, workers = 640, 32
+    n, workers = 1920, 32
     urls, stop = multiprocessing.Queue(), multiprocessing.Event()
     server = multiprocessing.Process(target=serve, args=(urls, stop))
     server.start()
@@ -272,7 +407,7 @@ def bench_clair():
         rps = n / (time.perf_counter() - start)
     stop.set()
     server.join()
-    target = 0.8 * workers / 0.1
+    target = 0.9 * workers / 0.1
     row(f"5. clair.py revise, {workers} workers, server answers after 100 ms", f"{rps:.0f} requests/s",
         f">= {target:.0f}", rps >= target)
 
@@ -364,7 +499,12 @@ def main():
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--precompute-pairs", type=int, default=24)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--peer", choices=["trl"], help="also rows 8: TRL's DPOTrainer on the same pairs (pip install trl)")
+    p.add_argument("--rows", type=lambda text: {int(n) for n in text.split(",")}, default=set(range(1, 11)),
+                   help="the row groups to run, e.g. 5,8,9 (default: all; 6 is --gpu's)")
     p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--checkpointing", choices=["none", "selective", "full"], default="none", help=argparse.SUPPRESS)
+    p.add_argument("--head", choices=["fused", "whole"], default="fused", help=argparse.SUPPRESS)
     args = p.parse_args()
     device = torch.device(args.device)
     if args.child:
@@ -375,10 +515,13 @@ def main():
     if args.gpu:
         bench_gpu(args, device)
     else:
-        weight_bytes = bench_training(args, device)
-        bench_memory(args, weight_bytes)
-        bench_clair()
-        bench_scaling(args)
+        groups = [({1, 2, 3, 4}, lambda: bench_memory(args, bench_training(args, device))), ({5}, bench_clair),
+                  ({7}, lambda: bench_scaling(args)), ({9}, lambda: bench_vocabulary(args)),
+                  ({10}, lambda: bench_saved(args, device))]
+        groups += [({8}, lambda: bench_peer(args))] if args.peer else []
+        for rows, run in groups:
+            if rows & args.rows:
+                run()
     print("\n| measurement | value | target | met |\n|---|---|---|---|")
     for measurement, value, target, met in ROWS:
         print(f"| {measurement} | {value} | {target} | {met} |")

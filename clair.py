@@ -28,6 +28,8 @@ from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 
+import requests
+
 from preference_data import (DataError, as_messages, best_vs_worst, cut_torn_line, read_jsonl, read_records, row_id,
                              split_completion)
 
@@ -169,12 +171,20 @@ class ChatClient:
         self._post({"model": self.model, "messages": [{"role": "user", "content": "Say OK."}], "temperature": 0.0,
                     "max_tokens": 1}, max_retries)
 
-    def _post(self, body, max_retries):
-        import requests
-
+    def _session(self):
+        """This thread's requests.Session. The proxy and CA-bundle environment variables are read once, here:
+        left to requests (trust_env), they are read again for every request, which cost 1.4 of the client's
+        1.9 ms a request against the loopback benchmark. (~/.netrc is not read: the key is --api-key-env's.)"""
         if not hasattr(self._local, "session"):
-            self._local.session = requests.Session()
-        session = self._local.session
+            session = requests.Session()
+            settings = session.merge_environment_settings(self.url, {}, None, None, None)
+            session.trust_env = False
+            session.proxies, session.verify = settings["proxies"], settings["verify"]
+            self._local.session = session
+        return self._local.session
+
+    def _post(self, body, max_retries):
+        session = self._session()
         for attempt in range(max_retries + 1):
             wait_s, why = None, None
             try:

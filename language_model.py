@@ -5,6 +5,7 @@ pairs through the chat template and truncates them. Every file that runs a model
 tokenise with the same template and date, so their token ids, and so the reference cache's keys, agree.
 """
 
+import functools
 import importlib.util
 import os
 import sys
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import torch
 from jinja2 import TemplateError
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from preference_data import DataError, as_messages
 
@@ -103,6 +105,31 @@ def disable_dropout(model):
                 setattr(module, name, 0.0)
 
 
+# What selective checkpointing keeps of a block: the outputs of its matrix products and of attention, the
+# work worth keeping. The element-wise parts between them (norms, activation functions, rotary embeddings,
+# residual adds) are recomputed in the backward.
+KEPT_OPS = {getattr(torch.ops.aten, name).default for name in (
+    "mm", "addmm", "bmm", "baddbmm", "_scaled_dot_product_flash_attention_for_cpu",
+    "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention")}
+
+
+def keep_products(ctx, op, *args, **kwargs):
+    """The selective checkpointing policy: keep KEPT_OPS and flash-attn's kernels, recompute the rest."""
+    keep = op in KEPT_OPS or op.namespace == "flash_attn"
+    return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def enable_checkpointing(model, which):
+    """Activation checkpointing of each transformer block, --gradient-checkpointing full or selective: `full`
+    keeps a block's input alone and recomputes the whole block in the backward; `selective` also keeps what
+    keep_products names, so that only the element-wise parts are recomputed."""
+    kwargs = {"use_reentrant": False}
+    if which == "selective":
+        kwargs["context_fn"] = functools.partial(create_selective_checkpoint_contexts, keep_products)
+    model.activation_checkpointing_enable(kwargs)
+
+
 def default_device():
     """The GPU where there is one, else the CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -143,7 +170,7 @@ def tokenize_completion(tokenizer, prompt, completion):
 
 
 def tokenize_pairs(tokenizer, rows, max_length, max_prompt_length):
-    """Token ids of each pair: (list of {'prompt', 'chosen', 'rejected'}, drop counts).
+    """Token ids of each pair: (list of {'id', 'prompt', 'chosen', 'rejected'}, drop counts).
 
     Truncation: a prompt longer than max_prompt_length drops the pair; otherwise each completion keeps
     its first max_length - len(prompt) tokens. A pair whose sides are then the same tokens is dropped.
@@ -164,7 +191,7 @@ def tokenize_pairs(tokenizer, rows, max_length, max_prompt_length):
         if chosen_ids == rejected_ids:
             drops["chosen identical to rejected once tokenised and truncated"] += 1
             continue
-        pairs.append({"prompt": prompt_ids, "chosen": chosen_ids, "rejected": rejected_ids})
+        pairs.append({"id": row["id"], "prompt": prompt_ids, "chosen": chosen_ids, "rejected": rejected_ids})
     return pairs, drops
 
 

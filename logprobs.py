@@ -1,16 +1,18 @@
 """Sequence log-probs, log pi(y | x), and the metrics TRL logs from them.
 
 `sequence_logps` is the one function that computes them: the reference pass, training, the step-0 check,
-the packing measurement and evaluation all call it, on the batches batching.py collates.
+the packing measurement and evaluation all call it, on the batches batching.py collates. The LM head runs
+fused with the log-softmax (`fused_head`): the [tokens, vocabulary] logits never exist whole.
 """
 
 import contextlib
+import weakref
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
 from apo import rewards
-from distributed import gather_to_all, shard_batches, unwrap
+from distributed import gather_to_all, max_over_processes, shard_batches, unwrap
 from language_model import autocast
 
 
@@ -18,6 +20,69 @@ def _token_logps(logits, labels):
     """log softmax(logits)[label] in float32, as gather - logsumexp: no [T, vocab] log-softmax tensor."""
     logits = logits.float()
     return logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+
+
+def logit_transform(model):
+    """What the model's forward does to its LM head's output, read from its config: Gemma-2/3's soft-capping
+    and Cohere's, Granite's and Falcon-H1's scales; nothing for the other families. check_fused_head measures
+    whether this reproduces the model's own logits."""
+    config = unwrap(model).config.get_text_config()
+    cap = getattr(config, "final_logit_softcapping", None)   # Gemma-2/3: cap * tanh(logits / cap)
+    scale = getattr(config, "logit_scale", None)             # Cohere: logits * logit_scale
+    divisor = getattr(config, "logits_scaling", None)        # Granite: logits / logits_scaling
+    multiplier = getattr(config, "lm_head_multiplier", None)  # Falcon-H1: logits * lm_head_multiplier
+
+    def transform(logits):
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        if scale is not None:
+            logits = logits * scale
+        if divisor is not None:
+            logits = logits / divisor
+        if multiplier is not None:
+            logits = logits * multiplier
+        return logits
+    return transform
+
+
+# Logits a fused chunk holds at most (float32: 128 MiB): 682 targets for SmolLM2's 49k vocabulary, 128 for 262k.
+CHUNK_LOGITS = 2 ** 25
+
+
+@contextlib.contextmanager
+def fused_head(model, targets, labels):
+    """While active, the LM head computes log-probs, not logits: from the hidden states at `targets` (rows,
+    columns), a chunk of targets at a time, the head's own forward, logit_transform and _token_logps give
+    the log-prob of each of `labels`. Under grad each chunk is checkpointed (recomputed in the backward), so
+    no [targets, vocabulary] tensor outlives its chunk, in the forward or the backward.
+
+    The log-probs, [targets], go to the yielded list. The head returns an empty [1, targets, 0] view of them,
+    which the model passes on as its logits: sequence_logps adds that output's (zero) sum, so the gradient
+    flows through the head's and the model's outputs, where FSDP's hooks gather parameters for the backward.
+    """
+    rows, cols = targets
+    head = unwrap(model).get_output_embeddings()
+    head_forward, transform = type(head).forward, logit_transform(model)
+    chunk = max(1, CHUNK_LOGITS // head.weight.shape[0])
+    captured = []
+
+    def chunk_logps(hidden, chunk_labels):
+        return _token_logps(transform(head_forward(head, hidden)), chunk_labels)
+
+    def forward(hidden_states):
+        pieces = zip(hidden_states[rows, cols].split(chunk), labels.split(chunk))
+        if torch.is_grad_enabled():
+            token_logps = [checkpoint(chunk_logps, h, y, use_reentrant=False) for h, y in pieces]
+        else:
+            token_logps = [chunk_logps(h, y) for h, y in pieces]
+        captured.append(torch.cat(token_logps))
+        return captured[-1][None, :, None][..., :0]
+
+    head.forward = forward
+    try:
+        yield captured
+    finally:
+        del head.forward
 
 
 @contextlib.contextmanager
@@ -36,26 +101,64 @@ def head_only_at(model, targets):
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids",
                 "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")  # the last four: flash varlen
 
+# Models whose logits logit_transform does not reproduce (check_fused_head): their head runs whole, at targets.
+FULL_LOGITS = weakref.WeakSet()
 
-def sequence_logps(model, batch, chunk=512):
+
+def sequence_logps(model, batch):
     """Summed log pi(completion | prompt) of every sequence of `batch`, float64, shape [sequences].
 
-    The LM head runs only at the target positions (head_only_at), and logits become log-probs `chunk`
-    positions at a time in float32; with grad enabled each chunk is recomputed in backward (checkpoint), so
-    at most one chunk's float32 logits exist beyond the model's own output. Token log-probs are summed per
-    sequence in float64: index_add's order is not fixed on CUDA (atomics), and float64 keeps that noise far
-    below the 1e-6 nats per token the packing measurement asks for.
+    The LM head runs only at the target positions, fused with the log-softmax a chunk at a time (fused_head);
+    for a model in FULL_LOGITS, through the model's own post-head code (token_logps_from_logits). Token
+    log-probs are summed per sequence in float64: index_add's order is not fixed on CUDA (atomics), and
+    float64 keeps that noise far below the 1e-6 nats per token the packing measurement asks for.
     """
+    if unwrap(model) in FULL_LOGITS:
+        token_logps = token_logps_from_logits(model, batch)
+    else:
+        inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+        with fused_head(model, batch["targets"], batch["labels"]) as captured:
+            empty = model(**inputs, use_cache=False).logits
+        token_logps = captured[0] + empty.sum()
+    sums = torch.zeros(batch["sequences"], dtype=torch.float64, device=token_logps.device)
+    return sums.index_add(0, batch["sequence"], token_logps.double())
+
+
+def token_logps_from_logits(model, batch, chunk=512):
+    """Per-target log-probs from the model's own logits at the targets (head_only_at), made log-probs `chunk`
+    positions at a time, each recomputed in the backward under grad: the [targets, vocabulary] logits and
+    their gradient exist whole."""
     inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
     with head_only_at(model, batch["targets"]):
         logits = model(**inputs, use_cache=False).logits[0]
     pieces = zip(logits.split(chunk), batch["labels"].split(chunk))
     if torch.is_grad_enabled():
-        token_logps = [checkpoint(_token_logps, x, y, use_reentrant=False) for x, y in pieces]
-    else:
-        token_logps = [_token_logps(x, y) for x, y in pieces]
-    sums = torch.zeros(batch["sequences"], dtype=torch.float64, device=logits.device)
-    return sums.index_add(0, batch["sequence"], torch.cat(token_logps).double())
+        return torch.cat([checkpoint(_token_logps, x, y, use_reentrant=False) for x, y in pieces])
+    return torch.cat([_token_logps(x, y) for x, y in pieces])
+
+
+# How far fused_head's log-probs may sit from the model's own logits', per token: float32 agrees to rounding,
+# bf16 rounds the head's matmul by the chunk's shape.
+FUSED_HEAD_TOL = {"fp32": 1e-6, "bf16": 5e-2}
+
+
+def check_fused_head(model, batch, dtype):
+    """The largest per-token gap between fused_head's log-probs and the model's own logits' on `batch`, no
+    grad, over every process; beyond FUSED_HEAD_TOL[dtype] the model joins FULL_LOGITS."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), autocast(batch["input_ids"].device, dtype):
+        FULL_LOGITS.discard(unwrap(model))
+        fused = sequence_logps(model, batch)
+        FULL_LOGITS.add(unwrap(model))
+        full = sequence_logps(model, batch)
+    model.train(was_training)
+    tokens = torch.bincount(batch["sequence"], minlength=batch["sequences"])
+    gap = max_over_processes(((fused - full).abs() / tokens).max().reshape(1)).item()
+    if gap <= FUSED_HEAD_TOL[dtype]:
+        FULL_LOGITS.discard(unwrap(model))
+    return gap
+
 
 
 def pairs_logps(model, pairs, collate, batch_size, device, dtype):

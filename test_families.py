@@ -31,7 +31,8 @@ FAMILIES = {
         "Qwen3NextConfig", HYBRID | dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
                                          shared_expert_intermediate_size=16), "padded"),
     "Qwen3.5, gated delta net + attention": ("Qwen3_5TextConfig", HYBRID, "padded"),
-    "Gemma-2, soft-capping, sliding window 8": ("Gemma2Config", dict(head_dim=8, sliding_window=8), "packed"),
+    "Gemma-2, soft-capping, sliding window 8": (
+        "Gemma2Config", dict(head_dim=8, sliding_window=8, final_logit_softcapping=0.5), "packed"),
     "Gemma-3, sliding window 8": ("Gemma3TextConfig", dict(head_dim=8, sliding_window=8), "packed"),
     "Phi-3": ("Phi3Config", {}, "packed"),
     "OLMo-2": ("Olmo2Config", {}, "packed"),
@@ -42,7 +43,7 @@ FAMILIES = {
     "Mamba": ("MambaConfig", dict(state_size=4), "padded"),
     "Mamba-2": ("Mamba2Config", dict(state_size=4, num_heads=4, head_dim=16, n_groups=1, chunk_size=16), "padded"),
     "Falcon-H1, Mamba-2 + attention": (
-        "FalconH1Config", dict(mamba_d_ssm=32, mamba_n_heads=4, mamba_d_head=8, mamba_d_state=4, mamba_n_groups=1,
+        "FalconH1Config", dict(lm_head_multiplier=0.5, mamba_d_ssm=32, mamba_n_heads=4, mamba_d_head=8, mamba_d_state=4, mamba_n_groups=1,
                                mamba_chunk_size=16), "packed"),
     "Jamba, Mamba + attention, MoE": (
         "JambaConfig", dict(num_experts=2, num_experts_per_tok=1, attn_layer_period=2, attn_layer_offset=1,
@@ -106,6 +107,54 @@ def test_training_passes_the_step0_check_and_evaluates_exactly(family, tmp_path,
     for side in ("chosen", "rejected"):
         truth = sum(alone(model, p, side) for p in pairs) / len(pairs)
         assert metrics[0][f"eval/logps/{side}"] == pytest.approx(truth, abs=1e-4), name
+
+
+def logps_and_gradients(model, batch, full_logits):
+    """sequence_logps of `batch` and every parameter's gradient of their sum, with the head fused or whole."""
+    (logprobs.FULL_LOGITS.add if full_logits else logprobs.FULL_LOGITS.discard)(model)
+    model.zero_grad()
+    logps = logprobs.sequence_logps(model, batch)
+    logps.sum().backward()
+    logprobs.FULL_LOGITS.discard(model)
+    return logps.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def test_the_fused_head_gives_the_full_logits_log_probs_and_gradients(family, monkeypatch):
+    """Over several chunks (a chunk of 7 targets here), on padded and packed batches: log-probs to 1e-6 per
+    token, every gradient to 1e-5 of its largest entry; soft-capping (Gemma-2) and Falcon-H1's multiplier kept."""
+    name, folder, _ = family
+    tokenizer, model = language_model.load_model(folder)
+    language_model.disable_dropout(model)
+    monkeypatch.setattr(logprobs, "CHUNK_LOGITS", 7 * model.get_output_embeddings().weight.shape[0])
+    pairs, _ = language_model.tokenize_pairs(tokenizer, chat_pairs(4, seed=2), 512, 256)
+    collate, how = batching.choose_collate(model, pairs, [0, 1], "auto", torch.device("cpu"), "fp32")
+    assert "LM head fused" in how and model not in logprobs.FULL_LOGITS, how
+    for layout in {batching.padded, collate}:
+        batch = layout(pairs, list(range(4)), "cpu")
+        assert len(batch["labels"]) > 7
+        fused, fused_grads = logps_and_gradients(model, batch, full_logits=False)
+        full, full_grads = logps_and_gradients(model, batch, full_logits=True)
+        assert ((fused - full).abs() / torch.bincount(batch["sequence"])).max() < 1e-6, name
+        assert fused_grads.keys() == full_grads.keys()
+        for key, grad in full_grads.items():
+            assert (fused_grads[key] - grad).abs().max() <= 1e-5 * grad.abs().max(), (name, key)
+
+
+def test_a_head_transform_the_fused_head_does_not_know_falls_back_to_the_full_logits(tmp_path, monkeypatch):
+    """Gemma-2 soft-caps its logits; told nothing of it, the fused head is measured wrong and the model's own
+    logits are used, exact again."""
+    config_class, sizes, _ = FAMILIES["Gemma-2, soft-capping, sliding window 8"]
+    folder = make_tiny_model(tmp_path / "model", config_class=getattr(transformers, config_class), **sizes)
+    tokenizer, model = language_model.load_model(folder)
+    language_model.disable_dropout(model)
+    monkeypatch.setattr(logprobs, "logit_transform", lambda model: lambda logits: logits)
+    pairs, _ = language_model.tokenize_pairs(tokenizer, chat_pairs(4, seed=0), 512, 256)
+    _, how = batching.choose_collate(model, pairs, [0, 1], "auto", torch.device("cpu"), "fp32")
+    assert "LM head whole at targets" in how and model in logprobs.FULL_LOGITS, how
+    with torch.no_grad():
+        got = logprobs.sequence_logps(model, batching.padded(pairs, [0, 1, 2, 3], "cpu")).view(2, -1)
+    truth = torch.tensor([[alone(model, p, side) for p in pairs] for side in ("chosen", "rejected")])
+    assert (got - truth).abs().max() < 1e-4
 
 
 @pytest.mark.parametrize("name", [n for n, (_, _, path) in FAMILIES.items() if path == "padded"][:1])

@@ -1,5 +1,6 @@
 """train.py on a tiny random Llama (and SmolLM2 for the log-prob check): data, log-probs, loop, resume, scale."""
 
+import collections
 import functools
 import importlib.util
 import json
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import batching
@@ -382,12 +384,50 @@ def test_grad_accumulation_does_not_change_the_update(tmp_path, tiny_model, ref_
         torch.testing.assert_close(wa[name], wb[name], atol=1e-5, rtol=0)
 
 
-def test_gradient_checkpointing_gives_the_same_step(tmp_path, tiny_model, ref_cache):
+@pytest.mark.parametrize("flags", [["--gradient-checkpointing"], ["--gradient-checkpointing", "selective"]])
+def test_gradient_checkpointing_gives_the_same_step(tmp_path, tiny_model, ref_cache, flags):
     _, plain = run_train(tmp_path, tiny_model, "plain", "--max-steps", "1")
-    _, checkpointed = run_train(tmp_path, tiny_model, "gc", "--max-steps", "1", "--gradient-checkpointing")
+    _, checkpointed = run_train(tmp_path, tiny_model, "gc", "--max-steps", "1", *flags)
     step_a, step_b = [[m for m in ms if "loss" in m][0] for ms in (plain, checkpointed)]
     assert step_a["loss"] == pytest.approx(step_b["loss"], rel=1e-6)
     assert step_a["grad_norm"] == pytest.approx(step_b["grad_norm"], rel=1e-5)
+
+
+class OpCounts(TorchDispatchMode):
+    """How often each aten op runs while active."""
+    def __init__(self):
+        super().__init__()
+        self.counts = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def checkpointed_pass(tiny_model, which):
+    """(elements saved for the backward outside checkpointed blocks, op counts of the forward, of the backward)."""
+    _, model = language_model.load_model(tiny_model)
+    if which != "none":
+        language_model.enable_checkpointing(model, which)
+    model.train()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        with OpCounts() as forward:
+            loss = model(torch.arange(1, 33)[None], use_cache=False).logits.logsumexp(-1).sum()
+    with OpCounts() as backward:
+        loss.backward()
+    return sum(saved), forward.counts, backward.counts
+
+
+def test_checkpointing_keeps_and_recomputes_what_it_says(tiny_model):
+    """Full checkpointing recomputes the blocks' matrix products in the backward, selective none of them
+    but the element-wise parts (SiLU, RMSNorm's rsqrt); both keep far less outside the blocks than none."""
+    none, selective, full = (checkpointed_pass(tiny_model, which) for which in ("none", "selective", "full"))
+    assert none[2]["silu"] == 0 and none[2]["rsqrt"] == 0  # their backward ops run, not the ops themselves
+    assert selective[2]["mm"] == none[2]["mm"] and selective[2]["silu"] > 0 and selective[2]["rsqrt"] > 0
+    block_mms = none[1]["mm"] - 1  # all but the LM head's; the recompute stops before each block's last (2 blocks)
+    assert full[2]["mm"] == none[2]["mm"] + block_mms - 2
+    assert selective[0] < none[0] / 3 and full[0] < none[0] / 3
 
 
 def test_bf16_autocast_run(tmp_path, tiny_model, ref_cache):
@@ -624,14 +664,15 @@ def chat_pairs(tokenizer, n):
     return language_model.tokenize_pairs(tokenizer, rows, 512, 256)[0]
 
 
-def test_log_probs_in_chunks_with_or_without_grad_equal_one_chunk(tiny_model):
+def test_log_probs_in_chunks_with_or_without_grad_equal_one_chunk(tiny_model, monkeypatch):
     tokenizer, model = language_model.load_model(tiny_model)
     model.eval()
     batch = batching.padded(chat_pairs(tokenizer, 3), [0, 1, 2], "cpu")
     with torch.no_grad():
         whole = logprobs.sequence_logps(model, batch)
-        chunked = logprobs.sequence_logps(model, batch, chunk=7)
-    checkpointed = logprobs.sequence_logps(model, batch, chunk=7)  # grad on: each chunk recomputed in backward
+        monkeypatch.setattr(logprobs, "CHUNK_LOGITS", 7 * model.config.vocab_size)  # chunks of 7 targets
+        chunked = logprobs.sequence_logps(model, batch)
+    checkpointed = logprobs.sequence_logps(model, batch)  # grad on: each chunk recomputed in backward
     torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=0)
     torch.testing.assert_close(checkpointed.detach(), whole, atol=1e-5, rtol=0)
 
@@ -767,3 +808,24 @@ def test_pairs_logps_gives_every_pair_its_own_log_probs_in_any_batch_size(tiny_m
         alone = torch.stack([logprobs.sequence_logps(model, batching.padded(pairs, [i], "cpu")) for i in range(5)])
     got = logprobs.pairs_logps(model, pairs, batching.padded, 3, torch.device("cpu"), "fp32")
     torch.testing.assert_close(got, alone, atol=1e-5, rtol=0)
+
+
+def test_write_ref_logps_gives_trl_columns_that_diagnose_reads_back(tmp_path, tiny_model, ref_cache, capsys):
+    """--write-ref-logps writes every train pair with TRL's reference columns, equal to the cache's values; diagnose.py
+    then reads them instead of computing any."""
+    import diagnose
+
+    data = write_jsonl(tmp_path / "train.jsonl", arithmetic_pairs(6))
+    train.main(["--model", tiny_model, "--data", data, "--eval-data", write_jsonl(tmp_path / "eval.jsonl",
+                arithmetic_pairs(2, seed=1)), "--out", str(tmp_path / "run"), "--max-steps", "1",
+                "--write-ref-logps", str(tmp_path / "with_ref.jsonl")])
+    written = preference_data.read_reference_logps(tmp_path / "with_ref.jsonl")
+    (cache_file,) = ref_cache.glob("*.pt")
+    cached = reference_cache.read_cache(cache_file).values()
+    assert len(written) == 6 and all(logps in cached for logps in written.values())
+    capsys.readouterr()
+    samples = write_jsonl(tmp_path / "s.jsonl", [{"id": r["id"], "prompt": r["prompt"], "completion": "?"}
+                                                 for r in arithmetic_pairs(6)])
+    report = diagnose.main(["--model", tiny_model, "--data", str(tmp_path / "with_ref.jsonl"), "--samples", samples])
+    assert "computed" not in capsys.readouterr().out
+    assert {v["id"]: [v["ref_logp_chosen"], v["ref_logp_rejected"]] for v in report["per_pair"]} == written

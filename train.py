@@ -34,9 +34,9 @@ from checkpoints import checkpoint_state, latest_checkpoint, load_checkpoint, sa
 from distributed import (broadcast_object, log0, max_over_processes, rank, rank0_first, setup, sharded,
                          sum_over_processes, teardown, world_size, wrap_model)
 from language_model import (DEFAULT_MODEL, MAX_LENGTH, MAX_PROMPT_LENGTH, autocast, default_device, default_dtype,
-                            disable_dropout, load_model, setting_error, tokenize_pairs)
+                            disable_dropout, enable_checkpointing, load_model, setting_error, tokenize_pairs)
 from logprobs import METRICS, pair_metrics, pair_stats, pairs_logps, sequence_logps
-from preference_data import BUNDLED_EVAL, BUNDLED_TRAIN, DataError, load_pairs
+from preference_data import BUNDLED_EVAL, BUNDLED_TRAIN, DataError, load_pairs, write_reference_logps
 
 
 
@@ -62,7 +62,10 @@ def parse_args(argv=None):
     p.add_argument("--max-length", type=int, default=MAX_LENGTH, help="prompt + completion tokens")
     p.add_argument("--max-prompt-length", type=int, default=MAX_PROMPT_LENGTH)
     p.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="default: bf16 on CUDA, else fp32")
-    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--gradient-checkpointing", nargs="?", choices=["none", "selective", "full"], default="none",
+                   const="full", help="recompute activations in the backward: full (the flag alone) keeps each "
+                   "block's input only; selective keeps its matrix products and attention, recomputing the "
+                   "element-wise parts (docs/benchmarks.md: what each costs and saves)")
     p.add_argument("--packing", choices=["auto", "on", "off"], default="auto",
                    help="pack sequences into shared rows: auto packs where measured exact on the model")
     p.add_argument("--attn-implementation", default=None,
@@ -80,6 +83,9 @@ def parse_args(argv=None):
                    help="continue from the latest checkpoint in --out; it reads the optimizer/ state, PyTorch "
                         "distributed-checkpoint files whose metadata is a pickle: resume only runs you made yourself")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--write-ref-logps", help="also write the train pairs to this JSONL file with their reference "
+                   "log-probs in TRL's ref_chosen_logps / ref_rejected_logps columns (what TRL's "
+                   "precompute_ref_log_probs adds), for TRL or diagnose.py")
     args = p.parse_args(argv)
     args.dtype = args.dtype or default_dtype(default_device())
     if why := setting_error(args.max_length, args.max_prompt_length, args.attn_implementation, args.dtype):
@@ -152,11 +158,8 @@ def prepare_model(model, args, device):
     disable_dropout(model)
     mode = reference_cache.compute_mode(args.dtype, fsdp=sharded(args.fsdp))
     fingerprint = broadcast_object(reference_cache.weights_fingerprint(model, mode) if rank() == 0 else None)
-    if args.gradient_checkpointing:  # transformers 5 renamed it; the old name works until v6
-        if hasattr(model, "activation_checkpointing_enable"):
-            model.activation_checkpointing_enable({"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if args.gradient_checkpointing != "none":
+        enable_checkpointing(model, args.gradient_checkpointing)
     return wrap_model(model, args.fsdp, args.dtype, device), fingerprint
 
 
@@ -290,7 +293,7 @@ class Run:
 
 
 # Flags that may change on --resume: they do not change what is computed (a copied run folder is resumable).
-RESUME_MAY_CHANGE = {"resume", "out", "log_every", "eval_every", "save_every"}
+RESUME_MAY_CHANGE = {"resume", "out", "log_every", "eval_every", "save_every", "write_ref_logps"}
 
 
 def checkpoint_to_resume(args):
@@ -323,6 +326,18 @@ def reference_pass(model, train_pairs, eval_pairs, steps, fingerprint, collate, 
     return ref_train.to(device), ref_eval
 
 
+def write_reference_columns(model, train_rows, train_pairs, fingerprint, collate, args, device):
+    """--write-ref-logps: the train rows that survived tokenisation, with their reference log-probs (from the
+    cache, else computed now) in TRL's two columns. Every process computes; rank 0 writes."""
+    ref = reference_cache.reference_logps(model, train_pairs, fingerprint=fingerprint, folder=reference_cache.FOLDER,
+                                          collate=collate, batch_size=2 * args.batch_size, device=device,
+                                          dtype=args.dtype, desc="reference (--write-ref-logps)")
+    by_id = {row["id"]: row for row in train_rows}
+    if rank() == 0:
+        write_reference_logps([by_id[pair["id"]] for pair in train_pairs], ref.tolist(), args.write_ref_logps)
+    log0(f"wrote {args.write_ref_logps}: {len(train_pairs)} train pairs with ref_chosen_logps and ref_rejected_logps")
+
+
 def main(argv=None):
     args = parse_args(argv)
     device = setup()
@@ -346,6 +361,9 @@ def main(argv=None):
         log0(f"batching: {how}")
         ref_train, ref_eval = reference_pass(model, train_pairs, eval_pairs, steps=steps, fingerprint=fingerprint,
                                              collate=collate, args=args, device=device)
+        if args.write_ref_logps:
+            write_reference_columns(model, splits[0], train_pairs, fingerprint=fingerprint, collate=collate,
+                                    args=args, device=device)
         run = Run(args=args, model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
                   eval_pairs=eval_pairs, ref_eval=ref_eval, collate=collate, device=device)
         run.start_or_resume(checkpoint)
