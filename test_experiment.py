@@ -37,6 +37,7 @@ def test_primary_metric_fails_cut_off_looping_and_wrong_answers():
                                ("It is 180 seconds.", False)):
         assert grade(unit_answer, "stop", UNITS)["success"] == right
     assert not experiment.looping("1, 2, 3, 4 and 5.") and not experiment.looping("Ko... is it Accra?")
+    assert not experiment.looping("The answer is 7 7.") and experiment.looping("The answer is 7 7 7.")  # 3 in a row
 
 
 def test_revise_rewrites_what_is_wrong_in_place():
@@ -203,6 +204,16 @@ def test_decision_rule_on_synthetic_arms():
     assert decided["H1"]["reason"] == "significant but below the minimum effect" and not decided["H1"]["supported"]
     decided = experiment.decide({**tables, "clair_apo_zero": base}, replicates=2000)
     assert decided["H1"]["reason"] == decided["H2"]["reason"] == "not significant"
+
+
+def test_the_decision_takes_holms_p_not_the_raw_one(monkeypatch):
+    """Raw one-sided p of 0.03 and 0.04, each effect large: below alpha alone, but Holm makes both 0.06."""
+    raw = iter([0.03, 0.04])
+    monkeypatch.setattr(experiment, "paired_bootstrap",
+                        lambda table, replicates: {"effect": 0.1, "p_one_sided": next(raw)})
+    decided = experiment.decide({arm: np.zeros((4, 10)) for arm in experiment.ARMS}, replicates=10)
+    assert [decided[h]["p_holm"] for h in ("H1", "H2")] == pytest.approx([0.06, 0.06])
+    assert not decided["H1"]["supported"] and not decided["H2"]["supported"]
 
 
 def test_t_interval():
