@@ -785,7 +785,7 @@ def test_a_prompt_of_exactly_max_prompt_length_is_kept(tiny_model):
 def test_packing_needs_both_measurements_exact(tiny_model, monkeypatch, gaps):
     _, model = language_model.load_model(tiny_model)
     monkeypatch.setattr(batching, "packing_gaps", lambda *args: torch.tensor(gaps))
-    collate, how = batching.choose_collate(model, [], indices=[0], packing="auto", device="cpu", dtype="fp32")
+    collate, how = batching.packed_or_padded(model, [], indices=[0], packing="auto", device="cpu", dtype="fp32")
     assert collate is batching.padded and "packed sequences mix" in how
 
 
