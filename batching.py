@@ -7,6 +7,9 @@ then the rejected. Three layouts give the same log-probs where `choose_collate` 
   masks attention within each sequence; as many rows as weigh padding against masked attention best;
 - `one_row`: every sequence in one row, with flash attention's varlen arguments computed once here.
 Either way a row's padding comes after its tokens, which a causal model never looks ahead to.
+
+`choose_collate` makes the measured decisions of how a model's batches are computed: the layout, and whether
+its LM head runs fused (logprobs.check_fused_head, which keeps the answer in logprobs.WHOLE_HEAD).
 """
 
 import functools
@@ -19,7 +22,7 @@ import torch
 
 from distributed import max_over_processes, unwrap
 from language_model import autocast
-from logprobs import FULL_LOGITS, check_fused_head, sequence_logps
+from logprobs import WHOLE_HEAD, check_fused_head, sequence_logps
 
 
 def train_batches(n, batch_size, seed, epoch):
@@ -172,9 +175,9 @@ def choose_collate(model, pairs, indices, packing, device, dtype):
     kind = unwrap(model).config.model_type
     shortest = min(indices, key=lambda i: len(pairs[i]["chosen"]) + len(pairs[i]["rejected"]))
     head_gap = check_fused_head(model, padded(pairs, [shortest], device), dtype)  # whole logits: one pair's
-    head = (f"LM head fused with the log-softmax ({head_gap:.1g} nats per token from the model's logits)"
-            if unwrap(model) not in FULL_LOGITS else
-            f"LM head whole at targets: the fused head is {head_gap:.1g} nats per token from {kind}'s logits")
+    head = (f"LM head fused with the log-softmax (within {head_gap:.1g} nats of the model's logits on every token)"
+            if unwrap(model) not in WHOLE_HEAD else
+            f"LM head whole at targets: the fused head is up to {head_gap:.1g} nats from {kind}'s logits on a token")
     layout, how = packed_or_padded(model, pairs, indices, packing, device, dtype)
     return layout, f"{how}; {head}"
 

@@ -23,6 +23,7 @@ import collections
 import functools
 import importlib.util
 import json
+import math
 import random
 import subprocess
 import sys
@@ -35,10 +36,10 @@ import torch
 
 import preference_data
 import train
-from batching import choose_collate, model_shape, padded, train_batches
+from batching import choose_collate, model_shape, packed, padded, train_batches
 from language_model import (DEFAULT_MODEL, autocast, default_dtype, disable_dropout, enable_checkpointing, load_model,
                             tokenize_pairs)
-from logprobs import FULL_LOGITS, pairs_logps, sequence_logps
+from logprobs import WHOLE_HEAD, pairs_logps, sequence_logps
 from reference_cache import reference_logps, weights_fingerprint
 from testbed import ChatServer, make_tiny_model
 
@@ -101,14 +102,18 @@ def train_step(model, optimizer, pairs, ref, micro_batches, collate, dtype):
                             args=train_args(dtype))
 
 
+def synchronize():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def timed(fn, repeats):
     fn()  # warm-up
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    sync()
+    synchronize()
     start = time.perf_counter()
     for _ in range(repeats):
         fn()
-    sync()
+    synchronize()
     return (time.perf_counter() - start) / repeats
 
 
@@ -200,7 +205,7 @@ def child(args, mode):
     if args.checkpointing != "none":
         enable_checkpointing(model, args.checkpointing)
     if args.head == "whole":
-        FULL_LOGITS.add(model)
+        WHOLE_HEAD.add(model)
     model.train()
     if mode == "scale":  # one micro-batch: a warm-up step, then a timed one
         pairs = random_pairs(args.batch_size, model.config.vocab_size)
@@ -257,11 +262,13 @@ def trl_child(args):
 
     seconds = []
 
-    class StepTime(TrainerCallback):
+    class StepTime(TrainerCallback):  # from the step's first micro-batch to its optimizer step, as timed() does
         def on_step_begin(self, *args, **kwargs):
+            synchronize()
             seconds.append(-time.perf_counter())
 
         def on_step_end(self, *args, **kwargs):
+            synchronize()
             seconds[-1] += time.perf_counter()
 
     config = DPOConfig(output_dir=tempfile.mkdtemp(), loss_type="apo_zero", beta=0.1, learning_rate=1e-7,
@@ -331,14 +338,14 @@ def bench_peer(args):
 
 
 def bench_vocabulary(args):
-    """Row 9: a tiny random Llama with Gemma-3's 262,144-token vocabulary (hidden size 64, untied head), where the
-    logits dominate: a step on 8 random pairs with the LM head fused, against the head run whole at targets."""
-    gib = 2 ** 30
-    folder = make_tiny_model(Path(tempfile.mkdtemp()) / "vocab", vocab_size=262_144, hidden_size=64,
+    """Row 9: a tiny random Llama with Gemma-3's 262,144-token vocabulary (hidden size 64, untied head; 8,192 with
+    --tiny), where the logits dominate: a step on 8 random pairs with the LM head fused, against it run whole."""
+    gib, vocab = 2 ** 30, 8192 if args.tiny else 262_144
+    folder = make_tiny_model(Path(tempfile.mkdtemp()) / "vocab", vocab_size=vocab, hidden_size=64,
                              intermediate_size=128)
     (tokens, whole_speed, whole_peak), (_, speed, peak) = (in_child(args, "scale", 8, head=head, model=folder)
                                                            for head in ("whole", "fused"))
-    row(f"9. 262k vocabulary, 8 random pairs ({tokens:.0f} tokens): LM head fused / whole at targets",
+    row(f"9. {vocab:,}-token vocabulary, 8 random pairs ({tokens:.0f} tokens): LM head fused / whole at targets",
         f"{speed:.0f} / {whole_speed:.0f} tokens/s = {speed / whole_speed:.2f}x; peak {peak / gib:.2f} / "
         f"{whole_peak / gib:.2f} GiB = {peak / whole_peak:.2f}x", ">= 0.95x speed, <= 0.5x memory",
         speed >= 0.95 * whole_speed and peak <= 0.5 * whole_peak)
@@ -346,8 +353,8 @@ def bench_vocabulary(args):
 
 def bench_saved(args, device):
     """Row 10: what a training forward keeps for the backward, per token, by the kind of module that keeps it,
-    without checkpointing: one forward of 1,024 random tokens through sequence_logps, every tensor saved for
-    the backward counted once, by storage, parameters left out."""
+    without checkpointing: one forward through sequence_logps of a pair of random tokens, 1,026 in one row,
+    every tensor saved for the backward counted once, by storage, parameters left out."""
     tokenizer, model = load_model(model_path(args), device)
     disable_dropout(model)
     model.train()
@@ -360,26 +367,24 @@ def bench_saved(args, device):
         kind = type(module).__name__ + (f" {name.rsplit('.', 1)[-1]}" if isinstance(module, torch.nn.Linear) else "")
         module.register_forward_pre_hook(lambda module, inputs, kind=kind: kinds.append(kind))
         module.register_forward_hook(leave)
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen = set()
+    weights, seen = {p.untyped_storage().data_ptr() for p in model.parameters()}, set()
 
     def count(tensor):
         storage = tensor.untyped_storage()
-        if storage.data_ptr() not in weights | seen:
+        if storage.data_ptr() not in weights and storage.data_ptr() not in seen:
             seen.add(storage.data_ptr())
             saved[kinds[-1]] += storage.nbytes()
         return tensor
 
-    ids = torch.randint(0, model.config.vocab_size, (1, 1024), generator=torch.Generator().manual_seed(0))
-    batch = {"input_ids": ids.to(device), "position_ids": torch.arange(1024, device=device)[None],
-             "targets": (torch.zeros(1023, dtype=torch.long, device=device), torch.arange(1023, device=device)),
-             "labels": ids[0, 1:].to(device), "sequence": torch.zeros(1023, dtype=torch.long, device=device),
-             "sequences": 1}
-    with torch.autograd.graph.saved_tensors_hooks(count, lambda tensor: tensor), autocast(device, "fp32"):
+    ids = torch.randint(0, model.config.vocab_size, (1024,), generator=torch.Generator().manual_seed(0)).tolist()
+    pair = {"prompt": ids[:1], "chosen": ids[1:], "rejected": ids[1:2]}  # 1,026 tokens, packed in one row
+    batch = packed([pair], [0], device, break_even=math.inf)
+    with torch.autograd.graph.saved_tensors_hooks(count, lambda tensor: tensor):
         sequence_logps(model, batch)
-    kib = {kind: n / 1024 / 1024 for kind, n in saved.most_common()}
-    row("10. kept for the backward per token, float32, no checkpointing", f"{sum(kib.values()) / 1024:.2f} MiB: "
-        + ", ".join(f"{kind} {value:.0f} KiB" for kind, value in kib.items() if value >= 1))
+    per_token = {kind: n / batch["tokens"] / 2 ** 10 for kind, n in saved.most_common()}  # KiB
+    row("10. kept for the backward per token, float32, no checkpointing",
+        f"{sum(per_token.values()) / 2 ** 10:.2f} MiB: "
+        + ", ".join(f"{kind} {kib:.0f} KiB" for kind, kib in per_token.items() if kib >= 1))
 
 
 def serve(urls, stop):
@@ -507,6 +512,8 @@ def main():
     p.add_argument("--head", choices=["fused", "whole"], default="fused", help=argparse.SUPPRESS)
     args = p.parse_args()
     device = torch.device(args.device)
+    if args.peer and importlib.util.find_spec(args.peer) is None:
+        sys.exit(f"--peer {args.peer} runs TRL's DPOTrainer beside this project: pip install {args.peer}")
     if args.child:
         print(child(args, args.child))
         return

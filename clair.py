@@ -172,9 +172,10 @@ class ChatClient:
                     "max_tokens": 1}, max_retries)
 
     def _session(self):
-        """This thread's requests.Session. The proxy and CA-bundle environment variables are read once, here:
-        left to requests (trust_env), they are read again for every request, which cost 1.4 of the client's
-        1.9 ms a request against the loopback benchmark. (~/.netrc is not read: the key is --api-key-env's.)"""
+        """This thread's requests.Session. The proxy and CA-bundle environment variables are read once, here,
+        for the server's URL: left to requests (trust_env), they are read again for every request, most of the
+        client's own time per request (docs/benchmarks.md, row 5). ~/.netrc is not read: the key is
+        --api-key-env's, and requests would let a .netrc entry replace its Authorization header."""
         if not hasattr(self._local, "session"):
             session = requests.Session()
             settings = session.merge_environment_settings(self.url, {}, None, None, None)

@@ -2,7 +2,9 @@
 
 `sequence_logps` is the one function that computes them: the reference pass, training, the step-0 check,
 the packing measurement and evaluation all call it, on the batches batching.py collates. The LM head runs
-fused with the log-softmax (`fused_head`): the [tokens, vocabulary] logits never exist whole.
+only where a completion token is predicted, fused with the log-softmax a chunk at a time (`fused_head`), so
+the [tokens, vocabulary] logits never exist whole; a model whose logits the fused head does not reproduce
+(`check_fused_head`) runs its head whole at those positions instead.
 """
 
 import contextlib
@@ -22,10 +24,19 @@ def _token_logps(logits, labels):
     return logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
 
 
+def _by_chunk(fn, *tensors, chunk):
+    """torch.cat of fn over `chunk`-row slices of `tensors`; under grad each slice is checkpointed: its
+    intermediates are recomputed in the backward instead of kept."""
+    pieces = zip(*(t.split(chunk) for t in tensors))
+    if torch.is_grad_enabled():
+        return torch.cat([checkpoint(fn, *piece, use_reentrant=False) for piece in pieces])
+    return torch.cat([fn(*piece) for piece in pieces])
+
+
 def logit_transform(model):
     """What the model's forward does to its LM head's output, read from its config: Gemma-2/3's soft-capping
-    and Cohere's, Granite's and Falcon-H1's scales; nothing for the other families. check_fused_head measures
-    whether this reproduces the model's own logits."""
+    and Cohere's, Granite's and Falcon-H1's scales; the families train.py is tested on do nothing else.
+    check_fused_head measures whether this reproduces the model's own logits."""
     config = unwrap(model).config.get_text_config()
     cap = getattr(config, "final_logit_softcapping", None)   # Gemma-2/3: cap * tanh(logits / cap)
     scale = getattr(config, "logit_scale", None)             # Cohere: logits * logit_scale
@@ -45,8 +56,11 @@ def logit_transform(model):
     return transform
 
 
-# Logits a fused chunk holds at most (float32: 128 MiB): 682 targets for SmolLM2's 49k vocabulary, 128 for 262k.
-CHUNK_LOGITS = 2 ** 25
+# Targets per chunk of the fused head: as many as 2 ** 25 logits (128 MiB in float32, the chunk's largest
+# tensor; its bf16 copy, logsumexp's temporary and its gradient come beside it), and at least 1,024: every
+# chunk's backward adds a whole [vocabulary, hidden] product into the head's weight gradient, which fewer
+# targets would make the chunk's main cost.
+CHUNK_LOGITS, MIN_CHUNK = 2 ** 25, 1024
 
 
 @contextlib.contextmanager
@@ -56,33 +70,33 @@ def fused_head(model, targets, labels):
     the log-prob of each of `labels`. Under grad each chunk is checkpointed (recomputed in the backward), so
     no [targets, vocabulary] tensor outlives its chunk, in the forward or the backward.
 
-    The log-probs, [targets], go to the yielded list. The head returns an empty [1, targets, 0] view of them,
-    which the model passes on as its logits: sequence_logps adds that output's (zero) sum, so the gradient
-    flows through the head's and the model's outputs, where FSDP's hooks gather parameters for the backward.
+    The log-probs, [targets], go to the yielded list. The head returns an empty [1, targets, 0] tensor made
+    from them, which the model passes on as its logits: sequence_logps adds that output's (zero) sum, so the
+    gradient flows through the head's and the model's outputs, where FSDP's hooks gather parameters for the
+    backward.
     """
     rows, cols = targets
     head = unwrap(model).get_output_embeddings()
-    head_forward, transform = type(head).forward, logit_transform(model)
-    chunk = max(1, CHUNK_LOGITS // head.weight.shape[0])
+    set_on_instance = vars(head).get("forward")  # a forward someone else set on the head (accelerate's hooks)
+    own_forward, transform = head.forward, logit_transform(model)
+    chunk = max(MIN_CHUNK, CHUNK_LOGITS // head.weight.shape[0])
     captured = []
 
     def chunk_logps(hidden, chunk_labels):
-        return _token_logps(transform(head_forward(head, hidden)), chunk_labels)
+        return _token_logps(transform(own_forward(hidden)), chunk_labels)
 
     def forward(hidden_states):
-        pieces = zip(hidden_states[rows, cols].split(chunk), labels.split(chunk))
-        if torch.is_grad_enabled():
-            token_logps = [checkpoint(chunk_logps, h, y, use_reentrant=False) for h, y in pieces]
-        else:
-            token_logps = [chunk_logps(h, y) for h, y in pieces]
-        captured.append(torch.cat(token_logps))
-        return captured[-1][None, :, None][..., :0]
+        captured.append(_by_chunk(chunk_logps, hidden_states[rows, cols], labels, chunk=chunk))
+        return captured[-1][None, :, None][..., :0].clone()  # not a view: FSDP's hooks warn on views
 
     head.forward = forward
     try:
         yield captured
     finally:
-        del head.forward
+        if set_on_instance is None:
+            del head.forward
+        else:
+            head.forward = set_on_instance
 
 
 @contextlib.contextmanager
@@ -101,64 +115,60 @@ def head_only_at(model, targets):
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids",
                 "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")  # the last four: flash varlen
 
-# Models whose logits logit_transform does not reproduce (check_fused_head): their head runs whole, at targets.
-FULL_LOGITS = weakref.WeakSet()
+
+def model_inputs(batch):
+    """What of a collated batch the model's forward takes."""
+    return {k: batch[k] for k in MODEL_INPUTS if k in batch}
+
+
+def fused_token_logps(model, batch):
+    """[targets] log-probs of the batch's labels, through fused_head."""
+    with fused_head(model, batch["targets"], batch["labels"]) as captured:
+        empty = model(**model_inputs(batch), use_cache=False).logits
+    return captured[0] + empty.sum()
+
+
+def whole_head_token_logps(model, batch, chunk=512):
+    """[targets] log-probs of the batch's labels from the model's own logits at the targets (head_only_at): the
+    [targets, vocabulary] logits, and under grad their gradient, exist whole; the log-softmax runs by chunks."""
+    with head_only_at(model, batch["targets"]):
+        logits = model(**model_inputs(batch), use_cache=False).logits[0]
+    return _by_chunk(_token_logps, logits, batch["labels"], chunk=chunk)
+
+
+# Models whose logits the fused head does not reproduce (check_fused_head): their head runs whole, at targets.
+WHOLE_HEAD = weakref.WeakSet()
 
 
 def sequence_logps(model, batch):
     """Summed log pi(completion | prompt) of every sequence of `batch`, float64, shape [sequences].
 
-    The LM head runs only at the target positions, fused with the log-softmax a chunk at a time (fused_head);
-    for a model in FULL_LOGITS, through the model's own post-head code (token_logps_from_logits). Token
-    log-probs are summed per sequence in float64: index_add's order is not fixed on CUDA (atomics), and
-    float64 keeps that noise far below the 1e-6 nats per token the packing measurement asks for.
+    Token log-probs come from fused_token_logps, or for a model in WHOLE_HEAD whole_head_token_logps, and are
+    summed per sequence in float64: index_add's order is not fixed on CUDA (atomics), and float64 keeps that
+    noise far below the 1e-6 nats per token the packing measurement asks for.
     """
-    if unwrap(model) in FULL_LOGITS:
-        token_logps = token_logps_from_logits(model, batch)
-    else:
-        inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
-        with fused_head(model, batch["targets"], batch["labels"]) as captured:
-            empty = model(**inputs, use_cache=False).logits
-        token_logps = captured[0] + empty.sum()
+    token_logps = (whole_head_token_logps if unwrap(model) in WHOLE_HEAD else fused_token_logps)(model, batch)
     sums = torch.zeros(batch["sequences"], dtype=torch.float64, device=token_logps.device)
     return sums.index_add(0, batch["sequence"], token_logps.double())
 
 
-def token_logps_from_logits(model, batch, chunk=512):
-    """Per-target log-probs from the model's own logits at the targets (head_only_at), made log-probs `chunk`
-    positions at a time, each recomputed in the backward under grad: the [targets, vocabulary] logits and
-    their gradient exist whole."""
-    inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
-    with head_only_at(model, batch["targets"]):
-        logits = model(**inputs, use_cache=False).logits[0]
-    pieces = zip(logits.split(chunk), batch["labels"].split(chunk))
-    if torch.is_grad_enabled():
-        return torch.cat([checkpoint(_token_logps, x, y, use_reentrant=False) for x, y in pieces])
-    return torch.cat([_token_logps(x, y) for x, y in pieces])
-
-
-# How far fused_head's log-probs may sit from the model's own logits', per token: float32 agrees to rounding,
-# bf16 rounds the head's matmul by the chunk's shape.
-FUSED_HEAD_TOL = {"fp32": 1e-6, "bf16": 5e-2}
+# How far fused_head's log-probs may sit from the model's own logits', for any one token: float32 agrees to
+# rounding; bf16 rounds the head's matmul by the chunk's shape.
+FUSED_HEAD_TOL = {"fp32": 1e-5, "bf16": 5e-2}
 
 
 def check_fused_head(model, batch, dtype):
-    """The largest per-token gap between fused_head's log-probs and the model's own logits' on `batch`, no
-    grad, over every process; beyond FUSED_HEAD_TOL[dtype] the model joins FULL_LOGITS."""
+    """The largest gap, in nats, between any one target's log-prob from the fused head and from the model's own
+    logits, on `batch`, no grad, in eval mode, over every process. Beyond FUSED_HEAD_TOL[dtype] the model goes
+    into WHOLE_HEAD; within it, out of it."""
     was_training = model.training
     model.eval()
     with torch.no_grad(), autocast(batch["input_ids"].device, dtype):
-        FULL_LOGITS.discard(unwrap(model))
-        fused = sequence_logps(model, batch)
-        FULL_LOGITS.add(unwrap(model))
-        full = sequence_logps(model, batch)
+        gap = (fused_token_logps(model, batch) - whole_head_token_logps(model, batch)).abs().max().reshape(1)
     model.train(was_training)
-    tokens = torch.bincount(batch["sequence"], minlength=batch["sequences"])
-    gap = max_over_processes(((fused - full).abs() / tokens).max().reshape(1)).item()
-    if gap <= FUSED_HEAD_TOL[dtype]:
-        FULL_LOGITS.discard(unwrap(model))
+    gap = max_over_processes(gap).item()
+    (WHOLE_HEAD.discard if gap <= FUSED_HEAD_TOL[dtype] else WHOLE_HEAD.add)(unwrap(model))
     return gap
-
 
 
 def pairs_logps(model, pairs, collate, batch_size, device, dtype):

@@ -219,11 +219,13 @@ def read_reference_logps(source):
 
 
 def write_reference_logps(rows, logps, path):
-    """Write load_pairs' `rows` as JSONL with TRL's columns added: logps[i] = (log pi_ref(chosen), log pi_ref(rejected))
-    of rows[i], summed over completion tokens. JSON keeps every float exactly, so read_reference_logps reads the same
-    values back."""
+    """Write load_pairs' `rows` as JSONL in TRL's conversational preference format (the prompt's messages, each
+    completion as an assistant message) with TRL's columns added: logps[i] = (log pi_ref(chosen), log
+    pi_ref(rejected)) of rows[i], summed over completion tokens. JSON keeps every float exactly, so
+    read_reference_logps reads the same values back, and load_pairs the same rows."""
     with open(path, "w", encoding="utf-8") as f:
         for row, (chosen, rejected) in zip(rows, logps, strict=True):
+            completions = {side: [{"role": "assistant", "content": row[side]}] for side in ("chosen", "rejected")}
             columns = dict(zip(REFERENCE_COLUMNS, (float(chosen), float(rejected))))
-            f.write(json.dumps({**row, **columns}, ensure_ascii=False) + "\n")
+            f.write(json.dumps({**row, **completions, **columns}, ensure_ascii=False) + "\n")
     return str(path)

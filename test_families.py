@@ -109,38 +109,51 @@ def test_training_passes_the_step0_check_and_evaluates_exactly(family, tmp_path,
         assert metrics[0][f"eval/logps/{side}"] == pytest.approx(truth, abs=1e-4), name
 
 
-def logps_and_gradients(model, batch, full_logits):
+def logps_and_gradients(model, batch, whole_head):
     """sequence_logps of `batch` and every parameter's gradient of their sum, with the head fused or whole."""
-    (logprobs.FULL_LOGITS.add if full_logits else logprobs.FULL_LOGITS.discard)(model)
+    (logprobs.WHOLE_HEAD.add if whole_head else logprobs.WHOLE_HEAD.discard)(model)
     model.zero_grad()
     logps = logprobs.sequence_logps(model, batch)
     logps.sum().backward()
-    logprobs.FULL_LOGITS.discard(model)
+    logprobs.WHOLE_HEAD.discard(model)
     return logps.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
-def test_the_fused_head_gives_the_full_logits_log_probs_and_gradients(family, monkeypatch):
-    """Over several chunks (a chunk of 7 targets here), on padded and packed batches: log-probs to 1e-6 per
-    token, every gradient to 1e-5 of its largest entry; soft-capping (Gemma-2) and Falcon-H1's multiplier kept."""
-    name, folder, _ = family
+def assert_fused_equals_whole(name, folder, monkeypatch):
+    """Over several chunks (7 targets each here), on padded and packed batches: log-probs to 1e-6 per token,
+    every gradient to 1e-5 of its largest entry; and the measurement keeps the head fused."""
     tokenizer, model = language_model.load_model(folder)
     language_model.disable_dropout(model)
     monkeypatch.setattr(logprobs, "CHUNK_LOGITS", 7 * model.get_output_embeddings().weight.shape[0])
+    monkeypatch.setattr(logprobs, "MIN_CHUNK", 1)
     pairs, _ = language_model.tokenize_pairs(tokenizer, chat_pairs(4, seed=2), 512, 256)
     collate, how = batching.choose_collate(model, pairs, [0, 1], "auto", torch.device("cpu"), "fp32")
-    assert "LM head fused" in how and model not in logprobs.FULL_LOGITS, how
+    assert "LM head fused" in how and model not in logprobs.WHOLE_HEAD, how
     for layout in {batching.padded, collate}:
         batch = layout(pairs, list(range(4)), "cpu")
         assert len(batch["labels"]) > 7
-        fused, fused_grads = logps_and_gradients(model, batch, full_logits=False)
-        full, full_grads = logps_and_gradients(model, batch, full_logits=True)
-        assert ((fused - full).abs() / torch.bincount(batch["sequence"])).max() < 1e-6, name
-        assert fused_grads.keys() == full_grads.keys()
-        for key, grad in full_grads.items():
+        fused, fused_grads = logps_and_gradients(model, batch, whole_head=False)
+        whole, whole_grads = logps_and_gradients(model, batch, whole_head=True)
+        assert ((fused - whole).abs() / torch.bincount(batch["sequence"])).max() < 1e-6, name
+        assert fused_grads.keys() == whole_grads.keys()
+        for key, grad in whole_grads.items():
             assert (fused_grads[key] - grad).abs().max() <= 1e-5 * grad.abs().max(), (name, key)
 
 
-def test_a_head_transform_the_fused_head_does_not_know_falls_back_to_the_full_logits(tmp_path, monkeypatch):
+def test_the_fused_head_gives_the_whole_heads_log_probs_and_gradients(family, monkeypatch):
+    """On every family; Gemma-2's soft-capping at 0.5 and Falcon-H1's multiplier of 0.5 change its logits."""
+    name, folder, _ = family
+    assert_fused_equals_whole(name, folder, monkeypatch)
+
+
+@pytest.mark.parametrize("config_class, scale", [("CohereConfig", dict(logit_scale=0.5)),
+                                                 ("GraniteConfig", dict(logits_scaling=2.0))])
+def test_the_fused_head_keeps_cohere_and_granite_scales(config_class, scale, tmp_path, monkeypatch):
+    folder = make_tiny_model(tmp_path / "model", config_class=getattr(transformers, config_class), **scale)
+    assert_fused_equals_whole(config_class, folder, monkeypatch)
+
+
+def test_a_head_transform_the_fused_head_does_not_know_falls_back_to_the_whole_head(tmp_path, monkeypatch):
     """Gemma-2 soft-caps its logits; told nothing of it, the fused head is measured wrong and the model's own
     logits are used, exact again."""
     config_class, sizes, _ = FAMILIES["Gemma-2, soft-capping, sliding window 8"]
@@ -150,11 +163,31 @@ def test_a_head_transform_the_fused_head_does_not_know_falls_back_to_the_full_lo
     monkeypatch.setattr(logprobs, "logit_transform", lambda model: lambda logits: logits)
     pairs, _ = language_model.tokenize_pairs(tokenizer, chat_pairs(4, seed=0), 512, 256)
     _, how = batching.choose_collate(model, pairs, [0, 1], "auto", torch.device("cpu"), "fp32")
-    assert "LM head whole at targets" in how and model in logprobs.FULL_LOGITS, how
+    assert "LM head whole at targets" in how and model in logprobs.WHOLE_HEAD, how
     with torch.no_grad():
         got = logprobs.sequence_logps(model, batching.padded(pairs, [0, 1, 2, 3], "cpu")).view(2, -1)
     truth = torch.tensor([[alone(model, p, side) for p in pairs] for side in ("chosen", "rejected")])
     assert (got - truth).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("name", ["Gemma-2, soft-capping, sliding window 8", "Mamba-2",
+                                  "Qwen3-Next, gated delta net + attention, MoE", "Jamba, Mamba + attention, MoE"])
+def test_selective_checkpointing_gives_the_same_gradients(name, tmp_path):
+    """On families with other kernels (gated delta nets, Mamba's scans, MoE routing, soft-capped attention):
+    keeping the matrix products and recomputing the rest changes no gradient."""
+    config_class, sizes, _ = FAMILIES[name]
+    folder = make_tiny_model(tmp_path / "model", config_class=getattr(transformers, config_class), **sizes)
+    tokenizer, model = language_model.load_model(folder)
+    language_model.disable_dropout(model)
+    pairs, _ = language_model.tokenize_pairs(tokenizer, chat_pairs(4, seed=0), 512, 256)
+    batch = batching.padded(pairs, [0, 1, 2, 3], "cpu")
+    plain, plain_grads = logps_and_gradients(model, batch, whole_head=False)
+    language_model.enable_checkpointing(model, "selective")
+    model.train()
+    checkpointed, grads = logps_and_gradients(model, batch, whole_head=False)
+    torch.testing.assert_close(checkpointed, plain, atol=1e-9, rtol=0)
+    for key, grad in plain_grads.items():
+        assert (grads[key] - grad).abs().max() <= 1e-5 * grad.abs().max(), (name, key)
 
 
 @pytest.mark.parametrize("name", [n for n, (_, _, path) in FAMILIES.items() if path == "padded"][:1])

@@ -83,9 +83,9 @@ def parse_args(argv=None):
                    help="continue from the latest checkpoint in --out; it reads the optimizer/ state, PyTorch "
                         "distributed-checkpoint files whose metadata is a pickle: resume only runs you made yourself")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--write-ref-logps", help="also write the train pairs to this JSONL file with their reference "
-                   "log-probs in TRL's ref_chosen_logps / ref_rejected_logps columns (what TRL's "
-                   "precompute_ref_log_probs adds), for TRL or diagnose.py")
+    p.add_argument("--write-ref-logps", help="also write every train pair to this JSONL file in TRL's format, with "
+                   "its reference log-prob in TRL's ref_chosen_logps / ref_rejected_logps columns, for diagnose.py "
+                   "(TRL 1.16 computes these columns itself under precompute_ref_log_probs)")
     args = p.parse_args(argv)
     args.dtype = args.dtype or default_dtype(default_device())
     if why := setting_error(args.max_length, args.max_prompt_length, args.attn_implementation, args.dtype):
@@ -292,8 +292,10 @@ class Run:
             (self.out / "args.json").write_text(json.dumps(vars(self.args), indent=2) + "\n")
 
 
-# Flags that may change on --resume: they do not change what is computed (a copied run folder is resumable).
-RESUME_MAY_CHANGE = {"resume", "out", "log_every", "eval_every", "save_every", "write_ref_logps"}
+# Flags that may change on --resume: they do not change what is computed (a copied run folder is resumable;
+# checkpointing recomputes the same activations).
+RESUME_MAY_CHANGE = {"resume", "out", "log_every", "eval_every", "save_every", "write_ref_logps",
+                     "gradient_checkpointing"}
 
 
 def checkpoint_to_resume(args):
@@ -315,8 +317,8 @@ def checkpoint_to_resume(args):
 def reference_pass(model, train_pairs, eval_pairs, steps, fingerprint, collate, args, device):
     """log pi_ref of every pair the run will train on and of the eval pairs: from the cache, else computed
     by the initial model in one no-grad pass. [pairs, 2] each, float64; the train pairs' on the device, for
-    train_step, the eval pairs' on the CPU, for pair_metrics."""
-    used = sorted(set(i for step in steps for i in step.pairs))
+    train_step, the eval pairs' on the CPU, for pair_metrics. --write-ref-logps asks for every train pair."""
+    used = range(len(train_pairs)) if args.write_ref_logps else sorted(set(i for step in steps for i in step.pairs))
     compute = dict(fingerprint=fingerprint, folder=reference_cache.FOLDER, collate=collate,
                    batch_size=2 * args.batch_size, device=device, dtype=args.dtype)
     ref_train = torch.zeros(len(train_pairs), 2, dtype=torch.float64)
@@ -324,18 +326,6 @@ def reference_pass(model, train_pairs, eval_pairs, steps, fingerprint, collate, 
                                                       desc="reference (train)")
     ref_eval = reference_cache.reference_logps(model, eval_pairs, **compute, desc="reference (eval)")
     return ref_train.to(device), ref_eval
-
-
-def write_reference_columns(model, train_rows, train_pairs, fingerprint, collate, args, device):
-    """--write-ref-logps: the train rows that survived tokenisation, with their reference log-probs (from the
-    cache, else computed now) in TRL's two columns. Every process computes; rank 0 writes."""
-    ref = reference_cache.reference_logps(model, train_pairs, fingerprint=fingerprint, folder=reference_cache.FOLDER,
-                                          collate=collate, batch_size=2 * args.batch_size, device=device,
-                                          dtype=args.dtype, desc="reference (--write-ref-logps)")
-    by_id = {row["id"]: row for row in train_rows}
-    if rank() == 0:
-        write_reference_logps([by_id[pair["id"]] for pair in train_pairs], ref.tolist(), args.write_ref_logps)
-    log0(f"wrote {args.write_ref_logps}: {len(train_pairs)} train pairs with ref_chosen_logps and ref_rejected_logps")
 
 
 def main(argv=None):
@@ -361,9 +351,10 @@ def main(argv=None):
         log0(f"batching: {how}")
         ref_train, ref_eval = reference_pass(model, train_pairs, eval_pairs, steps=steps, fingerprint=fingerprint,
                                              collate=collate, args=args, device=device)
-        if args.write_ref_logps:
-            write_reference_columns(model, splits[0], train_pairs, fingerprint=fingerprint, collate=collate,
-                                    args=args, device=device)
+        if args.write_ref_logps and rank() == 0:
+            by_id = {row["id"]: row for row in splits[0]}
+            write_reference_logps([by_id[pair["id"]] for pair in train_pairs], ref_train.tolist(), args.write_ref_logps)
+            log0(f"wrote {args.write_ref_logps}: {len(train_pairs)} train pairs with their reference log-probs")
         run = Run(args=args, model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
                   eval_pairs=eval_pairs, ref_eval=ref_eval, collate=collate, device=device)
         run.start_or_resume(checkpoint)
