@@ -179,15 +179,10 @@ def ches_scores(chosen_sums, rejected_sums, chosen_tokens, rejected_tokens):
 # ----------------------------------------------------------------------------- per-pair values
 
 def tokenize_rows(tokenizer, rows, max_length, max_prompt_length):
-    """(rows kept, their token ids, drop counts): tokenize_pairs a row at a time, so each pair keeps its row."""
-    kept, pairs, drops = [], [], Counter()
-    for row in rows:
-        tokenized, dropped = tokenize_pairs(tokenizer, [row], max_length, max_prompt_length)
-        drops += dropped
-        if tokenized:
-            kept.append(row)
-            pairs += tokenized
-    return kept, pairs, drops
+    """(rows kept, their token ids, drop counts): the rows tokenize_pairs keeps, matched by id, in order."""
+    pairs, drops = tokenize_pairs(tokenizer, rows, max_length, max_prompt_length)
+    kept = {pair["id"] for pair in pairs}
+    return [row for row in rows if row["id"] in kept], pairs, drops
 
 
 def measure_pairs(model, rows, pairs, trl_columns, args, device):
