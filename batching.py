@@ -170,11 +170,12 @@ def choose_collate(model, pairs, indices, packing, device, dtype):
     """The collate for `model` under --packing auto|on|off, and what to print about it; both measured on the
     micro-batch `indices`, no grad, in the training's compute dtype (FSDP's bf16 mixed precision allows no
     other), the same batch on every process: first whether the fused LM head reproduces the model's logits
-    (logprobs.check_fused_head, on the shortest pair: the model's own logits exist whole there), then the
-    layout (packed_or_padded)."""
+    (logprobs.check_fused_head, on the first pair's first 32 completion tokens a side: the model's own logits
+    exist whole there), then the layout (packed_or_padded)."""
     kind = unwrap(model).config.model_type
-    shortest = min(indices, key=lambda i: len(pairs[i]["chosen"]) + len(pairs[i]["rejected"]))
-    head_gap = check_fused_head(model, padded(pairs, [shortest], device), dtype)  # whole logits: one pair's
+    first = pairs[indices[0]]
+    probe = {"prompt": first["prompt"], "chosen": first["chosen"][:32], "rejected": first["rejected"][:32]}
+    head_gap = check_fused_head(model, padded([probe], [0], device), dtype)  # whole logits at 64 targets at most
     head = (f"LM head fused with the log-softmax (within {head_gap:.1g} nats of the model's logits on every token)"
             if unwrap(model) not in WHOLE_HEAD else
             f"LM head whole at targets: the fused head is up to {head_gap:.1g} nats from {kind}'s logits on a token")

@@ -2,7 +2,7 @@
 
     python bench.py              # SmolLM2-135M-Instruct on the bundled CLAIR data (about 10 minutes on 2 CPU cores)
     python bench.py --peer trl   # also TRL's DPOTrainer on the same pairs, rows 8 (pip install trl)
-    python bench.py --tiny       # a tiny random Llama instead: the whole table in about a minute
+    python bench.py --tiny       # a tiny random Llama instead: the whole table in about two minutes
     python bench.py --rows 5,9   # only those rows
     python bench.py --gpu        # on CUDA: tokens/s, MFU and peak memory for SmolLM2-135M and a 1.1B Llama, bf16
 
@@ -25,6 +25,7 @@ import importlib.util
 import json
 import math
 import random
+import signal
 import subprocess
 import sys
 import tempfile
@@ -286,8 +287,11 @@ def in_child(args, mode, batch_size, checkpointing="none", head="fused", model=N
     command = [sys.executable, __file__, "--child", mode, "--model", model or args.model, "--device", args.device,
                "--batch-size", str(batch_size), "--checkpointing", checkpointing, "--head", head]
     command += ["--tiny"] if args.tiny and model is None else []
-    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-    return [float(x) for x in out.strip().splitlines()[-1].split()]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode == -signal.SIGKILL:
+        return None  # the kernel's out-of-memory killer: the step did not fit in this machine's memory
+    result.check_returncode()
+    return [float(x) for x in result.stdout.strip().splitlines()[-1].split()]
 
 
 def bench_memory(args, weight_bytes):
@@ -319,22 +323,33 @@ def bench_scaling(args):
 
 
 def bench_peer(args):
-    """Rows 8: this project's step and TRL's DPOTrainer's (trl_child) on the same random pairs, 4 and 16 a
-    micro-batch, each in a fresh process; checkpointing off on both, full on both, and this project's selective."""
+    """Rows 8: this project's step and TRL's DPOTrainer's (trl_child) on the same random pairs, --peer-pairs a
+    micro-batch, each in a fresh process; checkpointing off on both, full on both, and this project's selective.
+    A child the out-of-memory killer stops is reported as such."""
     gib = 2 ** 30
-    for n in (4, 16):
+    for n in args.peer_pairs:
         ours = {which: in_child(args, "scale", n, which) for which in ("none", "selective", "full")}
         for which in ("none", "full"):
             tokens, speed, peak = ours[which]
-            _, trl_speed, trl_peak = in_child(args, "trl", n, which)
-            row(f"8. {n} random pairs ({tokens:.0f} tokens), checkpointing {'off' if which == 'none' else 'full'} "
-                f"on both: this project / TRL {version('trl')}",
-                f"{speed:.0f} / {trl_speed:.0f} tokens/s = {speed / trl_speed:.2f}x; peak {peak / gib:.2f} / "
+            label = (f"8. {n} random pairs ({tokens:.0f} tokens), checkpointing {'off' if which == 'none' else 'full'}"
+                     f" on both: this project / TRL {version('trl')}")
+            theirs = in_child(args, "trl", n, which)
+            if theirs is None:
+                row(label, f"{speed:.0f} tokens/s, peak {peak / gib:.2f} GiB / TRL killed out of memory "
+                    f"({total_memory() / gib:.1f} GiB machine)", ">= 1.5x speed, <= 0.5x memory")
+                continue
+            _, trl_speed, trl_peak = theirs
+            row(label, f"{speed:.0f} / {trl_speed:.0f} tokens/s = {speed / trl_speed:.2f}x; peak {peak / gib:.2f} / "
                 f"{trl_peak / gib:.2f} GiB = {peak / trl_peak:.2f}x", ">= 1.5x speed, <= 0.5x memory",
                 speed >= 1.5 * trl_speed and peak <= 0.5 * trl_peak)
         (_, plain_speed, plain_peak), (_, speed, peak) = ours["none"], ours["selective"]
         row(f"8. {n} random pairs, this project's selective checkpointing / none",
             f"{speed / plain_speed:.2f}x tokens/s, {peak / plain_peak:.2f}x peak ({peak / gib:.2f} GiB)")
+
+
+def total_memory():
+    status = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+    return int(status["MemTotal"].split()[0]) * 1024
 
 
 def bench_vocabulary(args):
@@ -505,6 +520,8 @@ def main():
     p.add_argument("--precompute-pairs", type=int, default=24)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--peer", choices=["trl"], help="also rows 8: TRL's DPOTrainer on the same pairs (pip install trl)")
+    p.add_argument("--peer-pairs", type=lambda text: [int(n) for n in text.split(",")], default=[4, 16],
+                   help="rows 8's micro-batch sizes, in pairs")
     p.add_argument("--rows", type=lambda text: {int(n) for n in text.split(",")}, default=set(range(1, 11)),
                    help="the row groups to run, e.g. 5,8,9 (default: all; 6 is --gpu's)")
     p.add_argument("--child", help=argparse.SUPPRESS)

@@ -28,8 +28,6 @@ from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 
-import requests
-
 from preference_data import (DataError, as_messages, best_vs_worst, cut_torn_line, read_jsonl, read_records, row_id,
                              split_completion)
 
@@ -176,6 +174,8 @@ class ChatClient:
         for the server's URL: left to requests (trust_env), they are read again for every request, most of the
         client's own time per request (docs/benchmarks.md, row 5). ~/.netrc is not read: the key is
         --api-key-env's, and requests would let a .netrc entry replace its Authorization header."""
+        import requests  # here, not at the top: clair.py --help and the file-only subcommands answer at once
+
         if not hasattr(self._local, "session"):
             session = requests.Session()
             settings = session.merge_environment_settings(self.url, {}, None, None, None)
@@ -185,6 +185,8 @@ class ChatClient:
         return self._local.session
 
     def _post(self, body, max_retries):
+        import requests
+
         session = self._session()
         for attempt in range(max_retries + 1):
             wait_s, why = None, None

@@ -56,11 +56,11 @@ def logit_transform(model):
     return transform
 
 
-# Targets per chunk of the fused head: as many as 2 ** 25 logits (128 MiB in float32, the chunk's largest
-# tensor; its bf16 copy, logsumexp's temporary and its gradient come beside it), and at least 1,024: every
-# chunk's backward adds a whole [vocabulary, hidden] product into the head's weight gradient, which fewer
-# targets would make the chunk's main cost.
-CHUNK_LOGITS, MIN_CHUNK = 2 ** 25, 1024
+# Targets per chunk of the fused head: as many as 2 ** 24 logits (64 MiB in float32, the chunk's largest tensor;
+# logsumexp's temporary and the logits' gradient come beside it), and at least the hidden size: every chunk's
+# backward adds a [vocabulary, hidden] product into the head's weight gradient, which then moves no more memory
+# than the chunk's own logits. SmolLM2 (49k, 576): 576 targets; a 262k vocabulary at hidden size 2,560: 2,560.
+CHUNK_LOGITS = 2 ** 24
 
 
 @contextlib.contextmanager
@@ -79,7 +79,8 @@ def fused_head(model, targets, labels):
     head = unwrap(model).get_output_embeddings()
     set_on_instance = vars(head).get("forward")  # a forward someone else set on the head (accelerate's hooks)
     own_forward, transform = head.forward, logit_transform(model)
-    chunk = max(MIN_CHUNK, CHUNK_LOGITS // head.weight.shape[0])
+    vocabulary, hidden = head.weight.shape
+    chunk = max(hidden, CHUNK_LOGITS // vocabulary)
     captured = []
 
     def chunk_logps(hidden, chunk_labels):

@@ -120,12 +120,13 @@ def logps_and_gradients(model, batch, whole_head):
 
 
 def assert_fused_equals_whole(name, folder, monkeypatch):
-    """Over several chunks (7 targets each here), on padded and packed batches: log-probs to 1e-6 per token,
+    """Over several chunks (of the hidden size, 32 targets, here), on padded and packed batches: log-probs to 1e-6 per token,
     every gradient to 1e-5 of its largest entry; and the measurement keeps the head fused."""
     tokenizer, model = language_model.load_model(folder)
     language_model.disable_dropout(model)
-    monkeypatch.setattr(logprobs, "CHUNK_LOGITS", 7 * model.get_output_embeddings().weight.shape[0])
-    monkeypatch.setattr(logprobs, "MIN_CHUNK", 1)
+    vocabulary, hidden = model.get_output_embeddings().weight.shape
+    assert hidden < 7 * 6  # the chunks below: 7 targets' logits, but at least the hidden size
+    monkeypatch.setattr(logprobs, "CHUNK_LOGITS", 7 * vocabulary)
     pairs, _ = language_model.tokenize_pairs(tokenizer, chat_pairs(4, seed=2), 512, 256)
     collate, how = batching.choose_collate(model, pairs, [0, 1], "auto", torch.device("cpu"), "fp32")
     assert "LM head fused" in how and model not in logprobs.WHOLE_HEAD, how
