@@ -21,8 +21,7 @@ import sys
 import torch
 
 from distributed import max_over_processes, unwrap
-from language_model import autocast
-from logprobs import WHOLE_HEAD, check_fused_head, sequence_logps
+from logprobs import WHOLE_HEAD, check_fused_head, measuring, sequence_logps
 
 
 def train_batches(n, batch_size, seed, epoch):
@@ -222,11 +221,8 @@ def packing_gaps(model, pairs, indices, device, dtype):
     changed = dict(packed_row, input_ids=packed_row["input_ids"].clone())
     changed["input_ids"][0, :first] = changed["input_ids"][0, :first].flip(0)
     changed["labels"] = changed["input_ids"][packed_row["targets"][0], packed_row["targets"][1] + 1]
-    was_training = model.training
-    model.eval()
-    with torch.no_grad(), autocast(device, dtype):
+    with measuring(model, device, dtype):
         alone_logps, packed_logps, changed_logps = (sequence_logps(model, b) for b in (alone, packed_row, changed))
-    model.train(was_training)
     tokens = torch.bincount(alone["sequence"])
     later = torch.ones_like(tokens, dtype=torch.bool)
     later[packed_row["sequence"][packed_row["targets"][1] < first]] = False

@@ -49,9 +49,9 @@ from checkpoints import read_state
 from clair import ChatClient, FatalRequestError, HelpFormatter, RetriesExhausted, copy_ratio, prompt_text, sample_seed
 from distributed import unwrap
 from evaluate import NUMBER_WORDS, collate_for, judge_client, matches, pairwise, read_prompts
-from language_model import (DEFAULT_MODEL, MAX_LENGTH, MAX_PROMPT_LENGTH, autocast, default_device, default_dtype,
+from language_model import (DEFAULT_MODEL, MAX_LENGTH, MAX_PROMPT_LENGTH, default_device, default_dtype,
                             generate, load_model, setting_error, tokenize_pairs)
-from logprobs import MODEL_INPUTS, head_only_at, pairs_logps
+from logprobs import head_only_at, measuring, model_inputs, pairs_logps
 from preference_data import BUNDLED_TRAIN, DataError, as_messages, read_jsonl
 
 Z_95 = 1.959963984540054  # the standard normal's 97.5% quantile
@@ -147,9 +147,7 @@ def hidden_sums(model, pairs, collate, batch_size, device, dtype):
     """[len(pairs), 2, hidden] float64: for the chosen and the rejected side, S(y) = the sum over the completion's
     tokens of the hidden state that predicts each, as the LM head reads it (at logprobs.head_only_at's targets)."""
     head, sums, seen = unwrap(model).get_output_embeddings(), [], []
-    was_training = model.training
-    model.eval()
-    with torch.no_grad(), autocast(device, dtype):
+    with measuring(model, device, dtype):
         for start in range(0, len(pairs), batch_size):
             indices = list(range(start, min(start + batch_size, len(pairs))))
             batch = collate(pairs, indices, device)
@@ -157,13 +155,12 @@ def hidden_sums(model, pairs, collate, batch_size, device, dtype):
             with head_only_at(model, batch["targets"]):  # its hook runs first: this one sees the targets only
                 hook = head.register_forward_pre_hook(lambda module, args: seen.append(args[0][0].double()))
                 try:
-                    model(**{k: batch[k] for k in MODEL_INPUTS if k in batch}, use_cache=False)
+                    model(**model_inputs(batch), use_cache=False)
                 finally:
                     hook.remove()
             summed = torch.zeros(batch["sequences"], seen[0].shape[-1], dtype=torch.float64, device=seen[0].device)
             summed.index_add_(0, batch["sequence"], seen[0])
             sums.append(summed.view(2, len(indices), -1).transpose(0, 1).cpu())
-    model.train(was_training)
     return torch.cat(sums)
 
 

@@ -158,15 +158,25 @@ def sequence_logps(model, batch):
 FUSED_HEAD_TOL = {"fp32": 1e-5, "bf16": 5e-2}
 
 
+@contextlib.contextmanager
+def measuring(model, device, dtype):
+    """No grad, eval mode and the compute dtype's autocast, the model's mode restored after: how every pass that
+    only measures log-probs runs (the reference, evaluation, the fused-head and packing checks, CHES)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), autocast(device, dtype):
+            yield
+    finally:
+        model.train(was_training)
+
+
 def check_fused_head(model, batch, dtype):
     """The largest gap, in nats, between any one target's log-prob from the fused head and from the model's own
     logits, on `batch`, no grad, in eval mode, over every process. Beyond FUSED_HEAD_TOL[dtype] the model goes
     into WHOLE_HEAD; within it, out of it."""
-    was_training = model.training
-    model.eval()
-    with torch.no_grad(), autocast(batch["input_ids"].device, dtype):
+    with measuring(model, batch["input_ids"].device, dtype):
         gap = (fused_token_logps(model, batch) - whole_head_token_logps(model, batch)).abs().max().reshape(1)
-    model.train(was_training)
     gap = max_over_processes(gap).item()
     (WHOLE_HEAD.discard if gap <= FUSED_HEAD_TOL[dtype] else WHOLE_HEAD.add)(unwrap(model))
     return gap
@@ -177,15 +187,12 @@ def pairs_logps(model, pairs, collate, batch_size, device, dtype):
     pass in eval mode with training's `collate` and log-prob code, split across processes and gathered on all."""
     batches = [list(range(i, min(i + batch_size, len(pairs)))) for i in range(0, len(pairs), batch_size)]
     indices, logps = [], []
-    was_training = model.training
-    model.eval()
-    with torch.no_grad(), autocast(device, dtype):
+    with measuring(model, device, dtype):
         for batch, real in shard_batches(batches):
             computed = sequence_logps(model, collate(pairs, batch, device)).view(2, -1).T
             if real:
                 indices += batch
                 logps.append(computed)
-    model.train(was_training)
     mine = torch.cat(logps).cpu().tolist() if logps else []  # one copy off the device, after the last batch
     everyone = gather_to_all(list(zip(indices, mine)))
     result = torch.zeros(len(pairs), 2, dtype=torch.float64)
