@@ -64,7 +64,7 @@ def setup(args, device):
     disable_dropout(model)
     rows, _ = preference_data.load_pairs(HERE / "data" / "clair_train.jsonl")
     pairs, _ = tokenize_pairs(tokenizer, rows, 512, 192)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-7)
+    optimizer, _ = train.make_optimizer(model, train_args(default_dtype(device)), total_steps=1)
     batches = train_batches(len(pairs), args.batch_size, 0, 0)
     collate, _ = choose_collate(model, pairs, batches[0], "auto", device, default_dtype(device))
     return tokenizer, model, pairs, optimizer, batches, collate
@@ -185,17 +185,27 @@ def random_pairs(n, vocab=49152, seed=0):
     return pairs
 
 
-def peak_memory(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated()
-    # VmHWM, not getrusage: ru_maxrss survives fork and exec, so a child would start at its parent's peak.
+def process_memory(field):
+    """A field of /proc/self/status (VmRSS: resident now, VmHWM: resident at most), in bytes."""
     status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
-    return int(status["VmHWM"].split()[0]) * 1024
+    return int(status[field].split()[0]) * 1024
+
+
+def peak_memory(device):
+    # VmHWM, not getrusage: ru_maxrss survives fork and exec, so a child would start at its parent's peak.
+    return torch.cuda.max_memory_allocated() if device.type == "cuda" else process_memory("VmHWM")
+
+
+def floor_memory(model, device):
+    """What a training step holds before any activation: the process's memory now (libraries, weights,
+    tokenizer, data) plus a gradient and AdamW's two moments per parameter."""
+    now = torch.cuda.memory_allocated() if device.type == "cuda" else process_memory("VmRSS")
+    return now + 3 * sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def child(args, mode):
     """In a fresh process (run by bench_memory, bench_scaling, bench_peer and bench_vocabulary): the peak memory
-    of two training steps; for mode 'scale', the tokens, tokens/s and peak memory of a step on --batch-size
+    of two training steps; for mode 'scale', the tokens, tokens/s, peak and floor memory of a step on --batch-size
     random pairs, with --checkpointing, and with the LM head --head fused or whole; for mode 'trl', the same
     measured on TRL's DPOTrainer."""
     if mode == "trl":
@@ -212,8 +222,9 @@ def child(args, mode):
         pairs = random_pairs(args.batch_size, model.config.vocab_size)
         step = [list(range(len(pairs)))]
         ref = initial_logps(model, pairs, step[0], device, dtype, collate)
+        floor = floor_memory(model, device)
         seconds = timed(lambda: train_step(model, optimizer, pairs, ref, step, collate, dtype), 1)
-        return f"{pair_tokens(pairs)} {pair_tokens(pairs) / seconds} {peak_memory(device)}"
+        return f"{pair_tokens(pairs)} {pair_tokens(pairs) / seconds} {peak_memory(device)} {floor}"
     reference = None
     if mode == "live":
         _, reference = load_model(model_path(args), device)
@@ -277,9 +288,10 @@ def trl_child(args):
                        precompute_ref_log_probs=True, gradient_checkpointing=args.checkpointing == "full",
                        bf16=device.type == "cuda", use_cpu=device.type == "cpu", report_to="none",
                        save_strategy="no", logging_steps=1, dataloader_num_workers=0, seed=0)
+    floor = floor_memory(model, device)
     TokenIds(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
              callbacks=[StepTime()]).train()
-    return f"{pair_tokens(pairs)} {pair_tokens(pairs) / seconds[-1]} {peak_memory(device)}"
+    return f"{pair_tokens(pairs)} {pair_tokens(pairs) / seconds[-1]} {peak_memory(device)} {floor}"
 
 
 def in_child(args, mode, batch_size, checkpointing="none", head="fused", model=None):
@@ -313,10 +325,10 @@ def bench_scaling(args):
     """Row 7: one micro-batch of 4, 8 and 16 random pairs (up to 512 tokens a pair), each in a fresh process."""
     gib = 2 ** 30
     measured = {n: in_child(args, "scale", n) for n in (4, 8, 16)}
-    for n, (tokens, tokens_per_s, peak) in measured.items():
+    for n, (tokens, tokens_per_s, peak, _) in measured.items():
         row(f"7. {n} random pairs per micro-batch ({tokens:.0f} tokens)", f"{tokens_per_s:.0f} tokens/s, "
             f"peak {peak / gib:.2f} GiB")
-    (tokens_4, speed_4, peak_4), (tokens_16, speed_16, peak_16) = measured[4], measured[16]
+    (tokens_4, speed_4, peak_4, _), (tokens_16, speed_16, peak_16, _) = measured[4], measured[16]
     row("7. tokens/s at 16 pairs / at 4 pairs", f"{speed_16 / speed_4:.2f}x", ">= 0.90x", speed_16 / speed_4 >= 0.9)
     row("7. peak memory growth / token growth, 4 to 16 pairs", f"{peak_16 / peak_4:.2f}x / {tokens_16 / tokens_4:.2f}x",
         "memory <= tokens", peak_16 / peak_4 <= tokens_16 / tokens_4)
@@ -330,7 +342,7 @@ def bench_peer(args):
     for n in args.peer_pairs:
         ours = {which: in_child(args, "scale", n, which) for which in ("none", "selective", "full")}
         for which in ("none", "full"):
-            tokens, speed, peak = ours[which]
+            tokens, speed, peak, floor = ours[which]
             label = (f"8. {n} random pairs ({tokens:.0f} tokens), checkpointing {'off' if which == 'none' else 'full'}"
                      f" on both: this project / TRL {version('trl')}")
             theirs = in_child(args, "trl", n, which)
@@ -338,11 +350,16 @@ def bench_peer(args):
                 row(label, f"{speed:.0f} tokens/s, peak {peak / gib:.2f} GiB / TRL killed out of memory "
                     f"({total_memory() / gib:.1f} GiB machine)", ">= 1.5x speed, <= 0.5x memory")
                 continue
-            _, trl_speed, trl_peak = theirs
+            _, trl_speed, trl_peak, trl_floor = theirs
             row(label, f"{speed:.0f} / {trl_speed:.0f} tokens/s = {speed / trl_speed:.2f}x; peak {peak / gib:.2f} / "
                 f"{trl_peak / gib:.2f} GiB = {peak / trl_peak:.2f}x", ">= 1.5x speed, <= 0.5x memory",
                 speed >= 1.5 * trl_speed and peak <= 0.5 * trl_peak)
-        (_, plain_speed, plain_peak), (_, speed, peak) = ours["none"], ours["selective"]
+            row(f"8. {n} random pairs, checkpointing {'off' if which == 'none' else 'full'}: floor (floor_memory) "
+                "/ peak above it, this project / TRL",
+                f"floor {floor / gib:.2f} / {trl_floor / gib:.2f} GiB; above it {(peak - floor) / gib:.2f} / "
+                f"{(trl_peak - trl_floor) / gib:.2f} GiB = {(peak - floor) / (trl_peak - trl_floor):.2f}x; "
+                f"0.5x TRL's peak leaves {(0.5 * trl_peak - floor) / gib:.2f} GiB above this project's floor")
+        (_, plain_speed, plain_peak, _), (_, speed, peak, _) = ours["none"], ours["selective"]
         row(f"8. {n} random pairs, this project's selective checkpointing / none",
             f"{speed / plain_speed:.2f}x tokens/s, {peak / plain_peak:.2f}x peak ({peak / gib:.2f} GiB)")
 
@@ -358,7 +375,7 @@ def bench_vocabulary(args):
     gib, vocab = 2 ** 30, 8192 if args.tiny else 262_144
     folder = make_tiny_model(Path(tempfile.mkdtemp()) / "vocab", vocab_size=vocab, hidden_size=64,
                              intermediate_size=128)
-    (tokens, whole_speed, whole_peak), (_, speed, peak) = (in_child(args, "scale", 8, head=head, model=folder)
+    (tokens, whole_speed, whole_peak, _), (_, speed, peak, _) = (in_child(args, "scale", 8, head=head, model=folder)
                                                            for head in ("whole", "fused"))
     row(f"9. {vocab:,}-token vocabulary, 8 random pairs ({tokens:.0f} tokens): LM head fused / whole at targets",
         f"{speed:.0f} / {whole_speed:.0f} tokens/s = {speed / whole_speed:.2f}x; peak {peak / gib:.2f} / "
@@ -471,7 +488,7 @@ def gpu_row(label, model, card, rng, args, device):
     vocab = model.config.vocab_size
     seq = lambda n: [rng.randrange(vocab) for _ in range(n)]
     pairs = [{"prompt": seq(128), "chosen": seq(896), "rejected": seq(896)} for _ in range(args.batch_size)]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-7)
+    optimizer, _ = train.make_optimizer(model, train_args("bf16"), total_steps=1)
     step = [list(range(len(pairs)))]
     collate, how = choose_collate(model, pairs, step[0], "auto", device, "bf16")
     model.train()

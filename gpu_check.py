@@ -235,8 +235,8 @@ def sync_rows(tiny, device):
     pairs = clair_pairs(tokenizer, count=4)
     collate, _ = choose_collate(model, pairs, [0, 1], "auto", device, dtype="bf16")
     ref = pairs_logps(model, pairs, collate, batch_size=4, device=device, dtype="bf16").to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-7)
     args = train.parse_args(["--dtype", "bf16"])
+    optimizer, _ = train.make_optimizer(model, args, total_steps=3)
     model.train()
 
     def syncs_in_step(micro_batches):

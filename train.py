@@ -165,10 +165,14 @@ def prepare_model(model, args, device):
 
 def make_optimizer(model, args, total_steps):
     """AdamW or RMSprop, with linear warmup to --lr then linear or cosine decay to 0 at `total_steps`.
-    Built before any forward: FSDP2 swaps root parameters on its first."""
+    Built before any forward: FSDP2 swaps root parameters on its first. AdamW is torch's fused kernel, as
+    transformers' Trainer defaults to: one pass over each parameter, where the for-loop version allocates
+    two temporaries the size of the largest (the embedding: 0.2 GiB on SmolLM2 at the step's peak)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    kind = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.RMSprop
-    optimizer = kind(params, lr=args.lr, weight_decay=args.weight_decay)
+    if args.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, fused=True)
+    else:
+        optimizer = torch.optim.RMSprop(params, lr=args.lr, weight_decay=args.weight_decay)
     warmup = int(args.warmup_ratio * total_steps)
 
     def factor(step):
