@@ -196,21 +196,25 @@ def peak_memory(device):
     return torch.cuda.max_memory_allocated() if device.type == "cuda" else process_memory("VmHWM")
 
 
-def floor_memory(model, device):
-    """What a training step holds before any activation: the process's memory now (libraries, weights,
-    tokenizer, data) plus a gradient and AdamW's two moments per parameter."""
-    now = torch.cuda.memory_allocated() if device.type == "cuda" else process_memory("VmRSS")
-    return now + 3 * sum(p.numel() * p.element_size() for p in model.parameters())
+def resident_memory(device):
+    return torch.cuda.memory_allocated() if device.type == "cuda" else process_memory("VmRSS")
+
+
+def floor_memory(libraries, model):
+    """What any training of `model` with AdamW holds, activations aside: `libraries` (the process's memory
+    before the model is loaded) and, per parameter, its weight, its gradient and AdamW's two moments."""
+    return libraries + 4 * sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def child(args, mode):
     """In a fresh process (run by bench_memory, bench_scaling, bench_peer and bench_vocabulary): the peak memory
-    of two training steps; for mode 'scale', the tokens, tokens/s, peak and floor memory of a step on --batch-size
+    of two training steps; for mode 'scale', the tokens, tokens/s, peak memory and floor_memory of steps on --batch-size
     random pairs, with --checkpointing, and with the LM head --head fused or whole; for mode 'trl', the same
     measured on TRL's DPOTrainer."""
     if mode == "trl":
         return trl_child(args)
     device = torch.device(args.device)
+    libraries = resident_memory(device)
     tokenizer, model, pairs, optimizer, batches, collate = setup(args, device)
     dtype = default_dtype(device)
     if args.checkpointing != "none":
@@ -218,13 +222,12 @@ def child(args, mode):
     if args.head == "whole":
         WHOLE_HEAD.add(model)
     model.train()
-    if mode == "scale":  # one micro-batch: a warm-up step, then a timed one
+    if mode == "scale":  # one micro-batch: a warm-up step, then --repeats timed ones
         pairs = random_pairs(args.batch_size, model.config.vocab_size)
         step = [list(range(len(pairs)))]
         ref = initial_logps(model, pairs, step[0], device, dtype, collate)
-        floor = floor_memory(model, device)
-        seconds = timed(lambda: train_step(model, optimizer, pairs, ref, step, collate, dtype), 1)
-        return f"{pair_tokens(pairs)} {pair_tokens(pairs) / seconds} {peak_memory(device)} {floor}"
+        seconds = timed(lambda: train_step(model, optimizer, pairs, ref, step, collate, dtype), args.repeats)
+        return f"{pair_tokens(pairs)} {pair_tokens(pairs) / seconds} {peak_memory(device)} {floor_memory(libraries, model)}"
     reference = None
     if mode == "live":
         _, reference = load_model(model_path(args), device)
@@ -254,7 +257,7 @@ def pair_tokens(pairs):
 def trl_child(args):
     """TRL's DPOTrainer on mode 'scale''s pairs (the same seed, the same token ids) and initial weights: loss_type
     apo_zero, precompute_ref_log_probs, --batch-size pairs a step, full gradient checkpointing or none; a warm-up
-    step and a timed one."""
+    step, then --repeats timed ones."""
     try:
         from datasets import Dataset
         from trl import DPOConfig, DPOTrainer
@@ -263,6 +266,7 @@ def trl_child(args):
     from transformers import TrainerCallback
 
     device = torch.device(args.device)
+    libraries = resident_memory(device)
     tokenizer, model = load_model(model_path(args), device)
     pairs = random_pairs(args.batch_size, model.config.vocab_size)
     dataset = Dataset.from_list([{"prompt_ids": p["prompt"], "chosen_ids": p["chosen"], "rejected_ids": p["rejected"]}
@@ -284,20 +288,21 @@ def trl_child(args):
             seconds[-1] += time.perf_counter()
 
     config = DPOConfig(output_dir=tempfile.mkdtemp(), loss_type="apo_zero", beta=0.1, learning_rate=1e-7,
-                       per_device_train_batch_size=len(pairs), max_steps=2, max_length=None,
+                       per_device_train_batch_size=len(pairs), max_steps=1 + args.repeats, max_length=None,
                        precompute_ref_log_probs=True, gradient_checkpointing=args.checkpointing == "full",
                        bf16=device.type == "cuda", use_cpu=device.type == "cpu", report_to="none",
                        save_strategy="no", logging_steps=1, dataloader_num_workers=0, seed=0)
-    floor = floor_memory(model, device)
     TokenIds(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
              callbacks=[StepTime()]).train()
-    return f"{pair_tokens(pairs)} {pair_tokens(pairs) / seconds[-1]} {peak_memory(device)} {floor}"
+    tokens_per_s = pair_tokens(pairs) * args.repeats / sum(seconds[1:])
+    return f"{pair_tokens(pairs)} {tokens_per_s} {peak_memory(device)} {floor_memory(libraries, model)}"
 
 
 def in_child(args, mode, batch_size, checkpointing="none", head="fused", model=None):
     """The numbers child(args, mode) prints, from a fresh process, on --model or `model` (a path)."""
     command = [sys.executable, __file__, "--child", mode, "--model", model or args.model, "--device", args.device,
-               "--batch-size", str(batch_size), "--checkpointing", checkpointing, "--head", head]
+               "--batch-size", str(batch_size), "--checkpointing", checkpointing, "--head", head,
+               "--repeats", str(args.repeats)]
     command += ["--tiny"] if args.tiny and model is None else []
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode == -signal.SIGKILL:
