@@ -447,6 +447,24 @@ def test_rmsprop_and_cosine_schedule(tmp_path, tiny_model, ref_cache):
     assert lrs[0] < lrs[1] and lrs[1] > lrs[2] > lrs[3] > 0  # one warmup step, then cosine decay
 
 
+def test_adamw_is_the_fused_kernel_and_takes_the_for_loop_steps():
+    torch.manual_seed(0)
+    fused_model, loop_model = torch.nn.Linear(64, 32), torch.nn.Linear(64, 32)
+    loop_model.load_state_dict(fused_model.state_dict())
+    args = train.parse_args(["--weight-decay", "0.1"])
+    fused, _ = train.make_optimizer(fused_model, args, total_steps=1)
+    loop = torch.optim.AdamW(loop_model.parameters(), lr=args.lr, weight_decay=0.1, foreach=False)
+    assert fused.param_groups[0]["fused"]
+    for _ in range(3):
+        x = torch.randn(8, 64)
+        for model, optimizer in ((fused_model, fused), (loop_model, loop)):
+            model(x).square().sum().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    for a, b in zip(fused_model.parameters(), loop_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
+
+
 def test_resume_reproduces_an_uninterrupted_run(tmp_path, tiny_model, ref_cache):
     args = ["--max-steps", "4", "--save-every", "2", "--batch-size", "2", "--grad-accum", "2"]
     full, metrics_full = run_train(tmp_path, tiny_model, "full", *args)
