@@ -170,7 +170,7 @@ def bench_training(args, device):
         cached_reference()
         hit = time.perf_counter() - start
     row("3. reference cache hit (weights fingerprint included)", f"{hit:.2f} s", "< 1 s", hit < 1)
-    return sum(p.numel() * p.element_size() for p in model.parameters())
+    return weight_bytes(model)
 
 
 def random_pairs(n, vocab=49152, seed=0):
@@ -200,10 +200,14 @@ def resident_memory(device):
     return torch.cuda.memory_allocated() if device.type == "cuda" else process_memory("VmRSS")
 
 
+def weight_bytes(model):
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
 def floor_memory(libraries, model):
     """What any training of `model` with AdamW holds, activations aside: `libraries` (the process's memory
     before the model is loaded) and, per parameter, its weight, its gradient and AdamW's two moments."""
-    return libraries + 4 * sum(p.numel() * p.element_size() for p in model.parameters())
+    return libraries + 4 * weight_bytes(model)
 
 
 def child(args, mode):
@@ -348,8 +352,9 @@ def bench_peer(args):
         ours = {which: in_child(args, "scale", n, which) for which in ("none", "selective", "full")}
         for which in ("none", "full"):
             tokens, speed, peak, floor = ours[which]
-            label = (f"8. {n} random pairs ({tokens:.0f} tokens), checkpointing {'off' if which == 'none' else 'full'}"
-                     f" on both: this project / TRL {version('trl')}")
+            setting = "off" if which == "none" else "full"
+            label = (f"8. {n} random pairs ({tokens:.0f} tokens), checkpointing {setting} on both: this project / "
+                     f"TRL {version('trl')}")
             theirs = in_child(args, "trl", n, which)
             if theirs is None:
                 row(label, f"{speed:.0f} tokens/s, peak {peak / gib:.2f} GiB / TRL killed out of memory "
@@ -359,8 +364,7 @@ def bench_peer(args):
             row(label, f"{speed:.0f} / {trl_speed:.0f} tokens/s = {speed / trl_speed:.2f}x; peak {peak / gib:.2f} / "
                 f"{trl_peak / gib:.2f} GiB = {peak / trl_peak:.2f}x", ">= 1.5x speed, <= 0.5x memory",
                 speed >= 1.5 * trl_speed and peak <= 0.5 * trl_peak)
-            row(f"8. {n} random pairs, checkpointing {'off' if which == 'none' else 'full'}: floor (floor_memory) "
-                "/ peak above it, this project / TRL",
+            row(f"8. {n} random pairs, checkpointing {setting}: floor (floor_memory) / peak above it, this project / TRL",
                 f"floor {floor / gib:.2f} / {trl_floor / gib:.2f} GiB; above it {(peak - floor) / gib:.2f} / "
                 f"{(trl_peak - trl_floor) / gib:.2f} GiB = {(peak - floor) / (trl_peak - trl_floor):.2f}x; "
                 f"0.5x TRL's peak leaves {(0.5 * trl_peak - floor) / gib:.2f} GiB above this project's floor")
