@@ -31,7 +31,7 @@ from pathlib import Path
 from preference_data import (DataError, as_messages, best_vs_worst, cut_torn_line, read_jsonl, read_records, row_id,
                              split_completion)
 
-# ----------------------------------------------------------------------------- the revision prompt (PAPER.md §1)
+# ----------------------------------------------------------------------------- the revision prompt (docs/method.md)
 
 # Our wording of the CLAIR prompt's structure; the {identifiers} are the paper's, exactly. [[TASK]] and
 # [[STUDENT_SOLUTION]] are filled in; a --prompt-file must contain both.
@@ -106,6 +106,267 @@ def prompt_text(prompt):
     return prompt if isinstance(prompt, str) else "\n\n".join(m["content"] for m in prompt)
 
 
+# ----------------------------------------------------------------------------- the pairs: y_l = M(x), then four ways to pick y_w
+
+def cmd_sample(args):
+    """y = M(x): the target model's own answers, --n per prompt, locally or from an endpoint."""
+    prompts = read_rows(args.inp, ["id", "prompt"])
+    jobs = [(f"{pid}-{k}" if args.n > 1 else pid, (row, k)) for pid, row in prompts for k in range(args.n)]
+
+    def record(row, k, completion, settings):
+        """A sample row: the answer, then its sampling settings and finish reason."""
+        out = {"prompt": row["prompt"], "completion": completion, **settings}
+        return {**out, "prompt_id": str(row["id"]), "sample_index": k} if args.n > 1 else out
+
+    if args.base_url:
+        client = client_for(args)
+
+        def work(job):
+            sent = decoding(args, job[1])
+            choice = client.choice(as_messages(job[0]["prompt"]), **sent)
+            settings = {"model": args.model, **sent, "finish_reason": choice.get("finish_reason")}
+            return record(*job, choice["message"]["content"], settings), None
+
+        return run_jobs(jobs, work, args.out, args.workers, "sample")
+    return sample_locally(args, jobs, record)
+
+
+def sample_seed(seed, job_id):
+    """The sampling seed of one answer: from --seed and the answer's id alone, so a resumed run repeats it."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{job_id}".encode()).digest()[:8], "big") >> 2
+
+
+def sample_locally(args, jobs, record):
+    """Batched local generation; resumable like run_jobs: finished ids are skipped, each batch flushed.
+
+    Each answer samples with its own seed (sample_seed), so a resumed run writes the rows an uninterrupted
+    one would."""
+    from tqdm import tqdm
+
+    from clair_apo.generation import generate
+    from clair_apo.models import default_device, default_dtype, load_model
+
+    skip = {row["id"] for row in written_rows(args.out)}
+    todo = [job for job in jobs if job[0] not in skip]
+    tokenizer, model = load_model(args.model, default_device())
+    model.eval()
+    top_p = 1.0 if args.top_p is None else args.top_p
+    settings = {"model": args.model, "temperature": args.temperature, "top_p": top_p, "max_tokens": args.max_tokens,
+                "seed": args.seed or 0}
+    with JsonlAppender(args.out) as out:
+        for start in tqdm(range(0, len(todo), args.batch_size), desc="sample"):
+            batch = todo[start:start + args.batch_size]
+            seeds = [sample_seed(settings["seed"], job_id) for job_id, _ in batch]
+            answers, reasons, _ = generate(model, tokenizer, [row["prompt"] for _, (row, _) in batch], args.max_tokens,
+                                        args.temperature, top_p, seeds, dtype=default_dtype(model.device))
+            for (job_id, (row, k)), answer, reason in zip(batch, answers, reasons):
+                out.write({"id": job_id, **record(row, k, answer, {**settings, "finish_reason": reason})})
+    print(f"sample: {len(todo)} answers written to {args.out}, {len(skip)} already done")
+    return Counter(done=len(todo), skipped=len(skip))
+
+
+def cmd_revise(args):
+    """CLAIR: chosen = the reviser's minimal revision of the student answer, rejected = the student answer."""
+    template = Path(args.prompt_file).read_text() if args.prompt_file else REVISION_PROMPT
+    if "[[TASK]]" not in template or "[[STUDENT_SOLUTION]]" not in template:
+        sys.exit(f"error: {args.prompt_file}: the prompt must contain [[TASK]] and [[STUDENT_SOLUTION]]")
+    samples = read_rows(args.inp, ["id", "prompt", "completion"])
+    client = client_for(args)
+
+    def work(row):
+        request = fill(template, task=prompt_text(row["prompt"]), student_solution=row["completion"])
+        # One user message; the empty system message is the paper's request layout.
+        reply = client.complete([{"role": "system", "content": ""}, {"role": "user", "content": request}],
+                                **decoding(args))
+        parsed = parse_revision(reply)
+        if parsed is None:
+            return None, {"reason": "no revision marker or an empty revision", "reply": reply}
+        rationale, revision = parsed
+        return {"prompt": row["prompt"], "chosen": revision, "rejected": row["completion"],
+                "rational": rationale, "reviser": args.model}, None
+
+    return run_jobs(samples, work, args.out, args.workers, "revise")
+
+
+def cmd_stronger(args):
+    """Stronger Preferred: chosen = the strong model's own fresh answer, rejected = the student answer."""
+    samples = read_rows(args.inp, ["id", "prompt", "completion"])
+    client = client_for(args)
+
+    def work(row):
+        answer = client.complete(as_messages(row["prompt"]), **decoding(args)).strip()
+        if not answer:
+            return None, {"reason": "empty answer"}
+        return {"prompt": row["prompt"], "chosen": answer, "rejected": row["completion"], "reviser": args.model}, None
+
+    return run_jobs(samples, work, args.out, args.workers, "stronger")
+
+
+def cmd_judge(args):
+    """On-policy judge (RLAIF): two samples per prompt, judged in both orders; kept only when both agree."""
+    samples = read_rows(args.inp, ["id", "prompt", "completion", "prompt_id"])
+    groups = {}
+    for _, row in samples:
+        groups.setdefault(row["prompt_id"], []).append(row)
+    client = client_for(args)
+
+    def work(rows):
+        if len(rows) < 2:
+            return None, {"reason": "fewer than two samples"}
+        first, second = rows[0], rows[1]
+        if first["completion"] == second["completion"]:
+            return None, {"reason": "identical samples"}
+        task = prompt_text(first["prompt"])
+        (forward, forward_reply), (backward, backward_reply) = (
+            judge(client, task, a["completion"], b["completion"], **decoding(args))
+            for a, b in ((first, second), (second, first)))
+        winner = {("A", "B"): first, ("B", "A"): second}.get((forward, backward))
+        if winner is None:
+            verdicts = (forward, backward)
+            reason = "no verdict" if None in verdicts else "tie" if "tie" in verdicts else "orders disagree"
+            return None, {"reason": reason, "verdicts": list(verdicts), "replies": [forward_reply, backward_reply]}
+        loser = second if winner is first else first
+        return {"prompt": first["prompt"], "chosen": winner["completion"], "rejected": loser["completion"],
+                "judge": args.model}, None
+
+    return run_jobs(list(groups.items()), work, args.out, args.workers, "judge")
+
+
+def cmd_offpolicy(args):
+    """Off-policy judge: the best- against the worst-scored existing completion; ties dropped.
+
+    UltraFeedback layout (JSONL, .parquet or a Hub dataset id): `prompt` (or `instruction`) and `completions`,
+    a list of objects with a `response` (or `text`) and an `overall_score` (or `score`).
+    """
+    rows, counts = [], Counter()
+    for where, row in read_records(args.inp):
+        pair = best_vs_worst(row, where)
+        if pair is None:
+            counts["tie"] += 1
+            continue
+        rows.append({"id": row_id(row, where), **pair})
+    with open(args.out, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    print(f"offpolicy: {len(rows)} pairs written to {args.out}, {counts['tie']} ties dropped")
+    return counts
+
+
+# ----------------------------------------------------------------------------- contrastiveness (Table 1)
+
+def levenshtein(a, b):
+    """Character edit distance: the fewest insertions, deletions and substitutions that turn `a` into `b`.
+    The textbook recurrence, row by row: O(len(a) * len(b)). Table 1 uses levenshtein_bit_parallel, its
+    speed-up, which the tests check against this."""
+    previous = list(range(len(b) + 1))  # distances from a[:0] to every prefix of b
+    for i, char in enumerate(a, 1):
+        current = [i]
+        for j, other in enumerate(b, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (char != other)))
+        previous = current
+    return previous[-1]
+
+
+def levenshtein_bit_parallel(a, b):
+    """levenshtein(a, b), bit-parallel (Myers 1999, Hyyro 2001): O(len(a) * len(b) / wordsize).
+
+    Python integers serve as bit vectors as wide as `a`; the common prefix and suffix are cut first
+    (minimal revisions share most of their text).
+    """
+    start = 0
+    while start < min(len(a), len(b)) and a[start] == b[start]:
+        start += 1
+    end = 0
+    while end < min(len(a), len(b)) - start and a[-1 - end] == b[-1 - end]:
+        end += 1
+    a, b = a[start:len(a) - end], b[start:len(b) - end]
+    if len(a) < len(b):
+        a, b = b, a
+    if not b:
+        return len(a)
+    m = len(b)  # bit vectors over the pattern b
+    mask, top = (1 << m) - 1, 1 << (m - 1)
+    peq = {}
+    for i, ch in enumerate(b):
+        peq[ch] = peq.get(ch, 0) | (1 << i)
+    pv, mv, score = mask, 0, m
+    for ch in a:
+        eq = peq.get(ch, 0)
+        xv = eq | mv
+        xh = (((eq & pv) + pv) ^ pv) | eq
+        ph = mv | (~(xh | pv) & mask)
+        mh = pv & xh
+        if ph & top:
+            score += 1
+        elif mh & top:
+            score -= 1
+        ph = ((ph << 1) | 1) & mask
+        mh = (mh << 1) & mask
+        pv = mh | (~(xv | ph) & mask)
+        mv = ph & xv
+    return score
+
+
+def jaccard(a, b):
+    """Token-level Jaccard similarity of the sets of lower-cased words and punctuation marks."""
+    ta, tb = (set(re.findall(r"\w+|[^\w\s]", s.lower())) for s in (a, b))
+    return len(ta & tb) / len(ta | tb) if ta | tb else 1.0
+
+
+def copy_ratio(chosen, rejected):
+    """The share of the rejected answer's words that the chosen one keeps, in order (difflib's matching
+    blocks over whitespace-separated words): 1.0 for an untouched answer, near 0 for a fresh one."""
+    rejected_words, chosen_words = rejected.split(), chosen.split()
+    matcher = difflib.SequenceMatcher(None, rejected_words, chosen_words, autojunk=False)
+    return sum(block.size for block in matcher.get_matching_blocks()) / max(1, len(rejected_words))
+
+
+def contrastiveness(path):
+    """Table 1's column for one pair file."""
+    pairs = [tuple(split_completion(row, field, f"{path}:{number}")[1] for field in ("chosen", "rejected"))
+             for number, row in read_jsonl(path)]
+    if not pairs:
+        raise DataError(f"{path}: no pairs")
+    n = len(pairs)
+    return {
+        "pairs": n,
+        "jaccard (higher = more contrastive)": sum(jaccard(c, r) for c, r in pairs) / n,
+        "levenshtein (lower = more contrastive)": sum(levenshtein_bit_parallel(c, r) for c, r in pairs) / n,
+        "copy ratio (higher = more contrastive)": sum(copy_ratio(c, r) for c, r in pairs) / n,
+        "chosen length (chars)": sum(len(c) for c, _ in pairs) / n,
+        "rejected length (chars)": sum(len(r) for _, r in pairs) / n,
+    }
+
+
+def cmd_stats(args):
+    """The paper's Table 1, one column per readable pair file; the empty or bad ones are named after it."""
+    columns, problems = {}, []
+    for path in args.files:
+        try:
+            columns[Path(path).stem] = contrastiveness(path)
+        except DataError as e:
+            problems.append(str(e))
+    if columns:
+        print_table(columns)
+    if problems:
+        sys.exit(f"error: stats: {len(problems)} of {len(args.files)} files left out:\n  " + "\n  ".join(problems))
+    return columns
+
+
+def print_table(columns):
+    """A Markdown table: one row per key, one column per name."""
+    names = list(columns)
+    label = max(len(k) for k in columns[names[0]])
+    widths = [max(12, len(n)) for n in names]
+    print(f"| {'':<{label}} | " + " | ".join(f"{n:>{w}}" for n, w in zip(names, widths)) + " |")
+    print(f"|{'-' * (label + 2)}|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for key in columns[names[0]]:
+        cells = [f"{columns[n][key]:.0f}" if key == "pairs" else f"{columns[n][key]:.3f}" for n in names]
+        print(f"| {key:<{label}} | " + " | ".join(f"{c:>{w}}" for c, w in zip(cells, widths)) + " |")
+
+
+# ============================================================================= plumbing
+# What the subcommands above run on: an HTTP client with retries, and a job runner whose output survives a kill.
+
 # ----------------------------------------------------------------------------- the HTTP client
 
 CONNECT_TIMEOUT = 10.0  # seconds to reach the server; --timeout bounds the wait for its reply
@@ -171,8 +432,8 @@ class ChatClient:
 
     def _session(self):
         """This thread's requests.Session. The proxy and CA-bundle environment variables are read once, here,
-        for the server's URL: left to requests (trust_env), they are read again for every request, most of the
-        client's own time per request (docs/benchmarks.md, row 5). ~/.netrc is not read: the key is
+        for the server's URL: left to requests (trust_env), they are read again for every request, which costs
+        more client time than the request itself. ~/.netrc is not read: the key is
         --api-key-env's, and requests would let a .netrc entry replace its Authorization header."""
         import requests  # here, not at the top: clair.py --help and the file-only subcommands answer at once
 
@@ -371,250 +632,6 @@ def read_rows(path, required):
         seen[this_id] = number
         rows.append((this_id, row))
     return rows
-
-
-# ----------------------------------------------------------------------------- subcommands
-
-def cmd_sample(args):
-    """y = M(x): the target model's own answers, --n per prompt, locally or from an endpoint."""
-    prompts = read_rows(args.inp, ["id", "prompt"])
-    jobs = [(f"{pid}-{k}" if args.n > 1 else pid, (row, k)) for pid, row in prompts for k in range(args.n)]
-
-    def record(row, k, completion, settings):
-        """A sample row: the answer, then its sampling settings and finish reason."""
-        out = {"prompt": row["prompt"], "completion": completion, **settings}
-        return {**out, "prompt_id": str(row["id"]), "sample_index": k} if args.n > 1 else out
-
-    if args.base_url:
-        client = client_for(args)
-
-        def work(job):
-            sent = decoding(args, job[1])
-            choice = client.choice(as_messages(job[0]["prompt"]), **sent)
-            settings = {"model": args.model, **sent, "finish_reason": choice.get("finish_reason")}
-            return record(*job, choice["message"]["content"], settings), None
-
-        return run_jobs(jobs, work, args.out, args.workers, "sample")
-    return sample_locally(args, jobs, record)
-
-
-def sample_seed(seed, job_id):
-    """The sampling seed of one answer: from --seed and the answer's id alone, so a resumed run repeats it."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:{job_id}".encode()).digest()[:8], "big") >> 2
-
-
-def sample_locally(args, jobs, record):
-    """Batched local generation; resumable like run_jobs: finished ids are skipped, each batch flushed.
-
-    Each answer samples with its own seed (sample_seed), so a resumed run writes the rows an uninterrupted
-    one would."""
-    from tqdm import tqdm
-
-    from language_model import default_device, default_dtype, generate, load_model
-
-    skip = {row["id"] for row in written_rows(args.out)}
-    todo = [job for job in jobs if job[0] not in skip]
-    tokenizer, model = load_model(args.model, default_device())
-    model.eval()
-    top_p = 1.0 if args.top_p is None else args.top_p
-    settings = {"model": args.model, "temperature": args.temperature, "top_p": top_p, "max_tokens": args.max_tokens,
-                "seed": args.seed or 0}
-    with JsonlAppender(args.out) as out:
-        for start in tqdm(range(0, len(todo), args.batch_size), desc="sample"):
-            batch = todo[start:start + args.batch_size]
-            seeds = [sample_seed(settings["seed"], job_id) for job_id, _ in batch]
-            answers, reasons, _ = generate(model, tokenizer, [row["prompt"] for _, (row, _) in batch], args.max_tokens,
-                                        args.temperature, top_p, seeds, dtype=default_dtype(model.device))
-            for (job_id, (row, k)), answer, reason in zip(batch, answers, reasons):
-                out.write({"id": job_id, **record(row, k, answer, {**settings, "finish_reason": reason})})
-    print(f"sample: {len(todo)} answers written to {args.out}, {len(skip)} already done")
-    return Counter(done=len(todo), skipped=len(skip))
-
-
-def cmd_revise(args):
-    """CLAIR: chosen = the reviser's minimal revision of the student answer, rejected = the student answer."""
-    template = Path(args.prompt_file).read_text() if args.prompt_file else REVISION_PROMPT
-    if "[[TASK]]" not in template or "[[STUDENT_SOLUTION]]" not in template:
-        sys.exit(f"error: {args.prompt_file}: the prompt must contain [[TASK]] and [[STUDENT_SOLUTION]]")
-    samples = read_rows(args.inp, ["id", "prompt", "completion"])
-    client = client_for(args)
-
-    def work(row):
-        request = fill(template, task=prompt_text(row["prompt"]), student_solution=row["completion"])
-        # One user message; the empty system message is the paper's request layout.
-        reply = client.complete([{"role": "system", "content": ""}, {"role": "user", "content": request}],
-                                **decoding(args))
-        parsed = parse_revision(reply)
-        if parsed is None:
-            return None, {"reason": "no revision marker or an empty revision", "reply": reply}
-        rationale, revision = parsed
-        return {"prompt": row["prompt"], "chosen": revision, "rejected": row["completion"],
-                "rational": rationale, "reviser": args.model}, None
-
-    return run_jobs(samples, work, args.out, args.workers, "revise")
-
-
-def cmd_stronger(args):
-    """Stronger Preferred: chosen = the strong model's own fresh answer, rejected = the student answer."""
-    samples = read_rows(args.inp, ["id", "prompt", "completion"])
-    client = client_for(args)
-
-    def work(row):
-        answer = client.complete(as_messages(row["prompt"]), **decoding(args)).strip()
-        if not answer:
-            return None, {"reason": "empty answer"}
-        return {"prompt": row["prompt"], "chosen": answer, "rejected": row["completion"], "reviser": args.model}, None
-
-    return run_jobs(samples, work, args.out, args.workers, "stronger")
-
-
-def cmd_judge(args):
-    """On-policy judge (RLAIF): two samples per prompt, judged in both orders; kept only when both agree."""
-    samples = read_rows(args.inp, ["id", "prompt", "completion", "prompt_id"])
-    groups = {}
-    for _, row in samples:
-        groups.setdefault(row["prompt_id"], []).append(row)
-    client = client_for(args)
-
-    def work(rows):
-        if len(rows) < 2:
-            return None, {"reason": "fewer than two samples"}
-        first, second = rows[0], rows[1]
-        if first["completion"] == second["completion"]:
-            return None, {"reason": "identical samples"}
-        task = prompt_text(first["prompt"])
-        (forward, forward_reply), (backward, backward_reply) = (
-            judge(client, task, a["completion"], b["completion"], **decoding(args))
-            for a, b in ((first, second), (second, first)))
-        winner = {("A", "B"): first, ("B", "A"): second}.get((forward, backward))
-        if winner is None:
-            verdicts = (forward, backward)
-            reason = "no verdict" if None in verdicts else "tie" if "tie" in verdicts else "orders disagree"
-            return None, {"reason": reason, "verdicts": list(verdicts), "replies": [forward_reply, backward_reply]}
-        loser = second if winner is first else first
-        return {"prompt": first["prompt"], "chosen": winner["completion"], "rejected": loser["completion"],
-                "judge": args.model}, None
-
-    return run_jobs(list(groups.items()), work, args.out, args.workers, "judge")
-
-
-def cmd_offpolicy(args):
-    """Off-policy judge: the best- against the worst-scored existing completion; ties dropped.
-
-    UltraFeedback layout (JSONL, .parquet or a Hub dataset id): `prompt` (or `instruction`) and `completions`,
-    a list of objects with a `response` (or `text`) and an `overall_score` (or `score`).
-    """
-    rows, counts = [], Counter()
-    for where, row in read_records(args.inp):
-        pair = best_vs_worst(row, where)
-        if pair is None:
-            counts["tie"] += 1
-            continue
-        rows.append({"id": row_id(row, where), **pair})
-    with open(args.out, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    print(f"offpolicy: {len(rows)} pairs written to {args.out}, {counts['tie']} ties dropped")
-    return counts
-
-
-# ----------------------------------------------------------------------------- contrastiveness (Table 1)
-
-def levenshtein(a, b):
-    """Exact character edit distance, bit-parallel (Myers 1999, Hyyro 2001): O(len(a) * len(b) / wordsize).
-
-    Python integers serve as bit vectors as wide as `a`; the common prefix and suffix are cut first
-    (minimal revisions share most of their text).
-    """
-    start = 0
-    while start < min(len(a), len(b)) and a[start] == b[start]:
-        start += 1
-    end = 0
-    while end < min(len(a), len(b)) - start and a[-1 - end] == b[-1 - end]:
-        end += 1
-    a, b = a[start:len(a) - end], b[start:len(b) - end]
-    if len(a) < len(b):
-        a, b = b, a
-    if not b:
-        return len(a)
-    m = len(b)  # bit vectors over the pattern b
-    mask, top = (1 << m) - 1, 1 << (m - 1)
-    peq = {}
-    for i, ch in enumerate(b):
-        peq[ch] = peq.get(ch, 0) | (1 << i)
-    pv, mv, score = mask, 0, m
-    for ch in a:
-        eq = peq.get(ch, 0)
-        xv = eq | mv
-        xh = (((eq & pv) + pv) ^ pv) | eq
-        ph = mv | (~(xh | pv) & mask)
-        mh = pv & xh
-        if ph & top:
-            score += 1
-        elif mh & top:
-            score -= 1
-        ph = ((ph << 1) | 1) & mask
-        mh = (mh << 1) & mask
-        pv = mh | (~(xv | ph) & mask)
-        mv = ph & xv
-    return score
-
-
-def jaccard(a, b):
-    """Token-level Jaccard similarity of the sets of lower-cased words and punctuation marks."""
-    ta, tb = (set(re.findall(r"\w+|[^\w\s]", s.lower())) for s in (a, b))
-    return len(ta & tb) / len(ta | tb) if ta | tb else 1.0
-
-
-def copy_ratio(chosen, rejected):
-    """The share of the rejected answer's words that the chosen one keeps, in order (difflib's matching
-    blocks over whitespace-separated words): 1.0 for an untouched answer, near 0 for a fresh one."""
-    rejected_words, chosen_words = rejected.split(), chosen.split()
-    matcher = difflib.SequenceMatcher(None, rejected_words, chosen_words, autojunk=False)
-    return sum(block.size for block in matcher.get_matching_blocks()) / max(1, len(rejected_words))
-
-
-def contrastiveness(path):
-    """Table 1's column for one pair file."""
-    pairs = [tuple(split_completion(row, field, f"{path}:{number}")[1] for field in ("chosen", "rejected"))
-             for number, row in read_jsonl(path)]
-    if not pairs:
-        raise DataError(f"{path}: no pairs")
-    n = len(pairs)
-    return {
-        "pairs": n,
-        "jaccard (higher = more contrastive)": sum(jaccard(c, r) for c, r in pairs) / n,
-        "levenshtein (lower = more contrastive)": sum(levenshtein(c, r) for c, r in pairs) / n,
-        "copy ratio (higher = more contrastive)": sum(copy_ratio(c, r) for c, r in pairs) / n,
-        "chosen length (chars)": sum(len(c) for c, _ in pairs) / n,
-        "rejected length (chars)": sum(len(r) for _, r in pairs) / n,
-    }
-
-
-def cmd_stats(args):
-    """The paper's Table 1, one column per readable pair file; the empty or bad ones are named after it."""
-    columns, problems = {}, []
-    for path in args.files:
-        try:
-            columns[Path(path).stem] = contrastiveness(path)
-        except DataError as e:
-            problems.append(str(e))
-    if columns:
-        print_table(columns)
-    if problems:
-        sys.exit(f"error: stats: {len(problems)} of {len(args.files)} files left out:\n  " + "\n  ".join(problems))
-    return columns
-
-
-def print_table(columns):
-    """A Markdown table: one row per key, one column per name."""
-    names = list(columns)
-    label = max(len(k) for k in columns[names[0]])
-    widths = [max(12, len(n)) for n in names]
-    print(f"| {'':<{label}} | " + " | ".join(f"{n:>{w}}" for n, w in zip(names, widths)) + " |")
-    print(f"|{'-' * (label + 2)}|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for key in columns[names[0]]:
-        cells = [f"{columns[n][key]:.0f}" if key == "pairs" else f"{columns[n][key]:.3f}" for n in names]
-        print(f"| {key:<{label}} | " + " | ".join(f"{c:>{w}}" for c, w in zip(cells, widths)) + " |")
 
 
 # ----------------------------------------------------------------------------- command line

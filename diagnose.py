@@ -44,14 +44,16 @@ import torch
 from tqdm import tqdm
 
 import preference_data
-import reference_cache
-from checkpoints import read_state
 from clair import ChatClient, FatalRequestError, HelpFormatter, RetriesExhausted, copy_ratio, prompt_text, sample_seed
-from distributed import unwrap
-from evaluate import NUMBER_WORDS, collate_for, judge_client, matches, pairwise, read_prompts
-from language_model import (DEFAULT_MODEL, MAX_LENGTH, MAX_PROMPT_LENGTH, default_device, default_dtype,
-                            generate, load_model, setting_error, tokenize_pairs)
-from logprobs import head_only_at, measuring, model_inputs, pairs_logps
+from clair_apo import reference_cache
+from clair_apo.chat_tokens import tokenize_pairs
+from clair_apo.checkpoints import read_state
+from clair_apo.distributed import unwrap
+from clair_apo.generation import generate
+from clair_apo.logprobs import measuring, model_inputs, pairs_logps
+from clair_apo.models import (DEFAULT_MODEL, MAX_LENGTH, MAX_PROMPT_LENGTH, ModelError, default_device, default_dtype,
+                              load_model, setting_error)
+from evaluate import NUMBER_WORDS, judge_client, logprob_pass, matches, pairwise, read_prompts
 from preference_data import BUNDLED_TRAIN, DataError, as_messages, read_jsonl
 
 Z_95 = 1.959963984540054  # the standard normal's 97.5% quantile
@@ -143,23 +145,27 @@ def spearman(x, y):
 
 # ----------------------------------------------------------------------------- CHES
 
-def hidden_sums(model, pairs, collate, batch_size, device, dtype):
+def hidden_sums(model, pairs, how):
     """[len(pairs), 2, hidden] float64: for the chosen and the rejected side, S(y) = the sum over the completion's
-    tokens of the hidden state that predicts each, as the LM head reads it (at logprobs.head_only_at's targets)."""
+    tokens of the hidden state that predicts each, as the LM head reads it; batches as `how` (a LogprobPass)."""
     head, sums, seen = unwrap(model).get_output_embeddings(), [], []
-    with measuring(model, device, dtype):
-        for start in range(0, len(pairs), batch_size):
-            indices = list(range(start, min(start + batch_size, len(pairs))))
-            batch = collate(pairs, indices, device)
+    with measuring(model, how.device, how.dtype):
+        for start in range(0, len(pairs), how.batch_size):
+            indices = list(range(start, min(start + how.batch_size, len(pairs))))
+            batch = how.batching.collate(pairs, indices, how.device)
+            rows, cols = batch["targets"]
             seen.clear()
-            with head_only_at(model, batch["targets"]):  # its hook runs first: this one sees the targets only
-                hook = head.register_forward_pre_hook(lambda module, args: seen.append(args[0][0].double()))
-                try:
-                    model(**model_inputs(batch), use_cache=False)
-                finally:
-                    hook.remove()
-            summed = torch.zeros(batch["sequences"], seen[0].shape[-1], dtype=torch.float64, device=seen[0].device)
-            summed.index_add_(0, batch["sequence"], seen[0])
+
+            def head_input_at_targets(module, args):  # the head then computes logits at the targets alone
+                seen.append(args[0][rows, cols].double())
+                return (args[0][rows, cols][None], *args[1:])
+            hook = head.register_forward_pre_hook(head_input_at_targets)
+            try:
+                model(**model_inputs(batch), use_cache=False)
+            finally:
+                hook.remove()
+            summed = torch.zeros(batch["num_sequences"], seen[0].shape[-1], dtype=torch.float64, device=seen[0].device)
+            summed.index_add_(0, batch["sequence_of_target"], seen[0])
             sums.append(summed.view(2, len(indices), -1).transpose(0, 1).cpu())
     return torch.cat(sums)
 
@@ -185,18 +191,17 @@ def tokenize_rows(tokenizer, rows, max_length, max_prompt_length):
 def measure_pairs(model, rows, pairs, trl_columns, args, device):
     """(per-pair values, where the reference log-probs came from): lengths, copy ratio, reference log-probs (TRL's
     columns when the dataset has them, else train.py's cache, computed where it lacks them) and CHES."""
-    collate = collate_for(args.model, model, pairs, args, device)
+    how = logprob_pass(args.model, model, pairs, args, device)
     if trl_columns:
         ref = torch.tensor([trl_columns[row["id"]] for row in rows], dtype=torch.float64)
         source = "the dataset's ref_chosen_logps and ref_rejected_logps columns"
     else:
         mode = reference_cache.compute_mode(args.dtype, fsdp=False)
-        ref = reference_cache.reference_logps(
-            model, pairs, fingerprint=reference_cache.weights_fingerprint(model, mode), folder=reference_cache.FOLDER,
-            collate=collate, batch_size=args.batch_size, device=device, dtype=args.dtype)
+        path = reference_cache.cache_file(reference_cache.weights_fingerprint(model, mode))
+        ref = reference_cache.reference_logps(model, pairs, how, path)
         source = f"the reference cache ({reference_cache.FOLDER})"
     lengths = torch.tensor([[len(p["chosen"]), len(p["rejected"])] for p in pairs], dtype=torch.float64)
-    sums = hidden_sums(model, pairs, collate=collate, batch_size=args.batch_size, device=device, dtype=args.dtype)
+    sums = hidden_sums(model, pairs, how)
     scores = ches_scores(sums[:, 0], sums[:, 1], chosen_tokens=lengths[:, 0], rejected_tokens=lengths[:, 1])
     values = []
     for row, (chosen, rejected), (ref_chosen, ref_rejected), (ches, normalised) in zip(
@@ -449,7 +454,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         report = run(args)
-    except DataError as e:
+    except (DataError, ModelError) as e:
         sys.exit(f"error: {e}")
     print_report(report)
     if args.out:
@@ -571,8 +576,7 @@ def chosen_logp_change(run, batch_size, device):
     values, _ = measure_pairs(model, rows, pairs, trl_columns={}, args=settings, device=device)
     del model
     _, policy = load_model(str(Path(run) / "final"), device)
-    collate = collate_for(run, policy, pairs, settings, device)
-    after = pairs_logps(policy, pairs, collate=collate, batch_size=batch_size, device=device, dtype=settings.dtype)
+    after = pairs_logps(policy, pairs, logprob_pass(run, policy, pairs, settings, device))
     arrays = {key: np.array([v[key] for v in values]) for key in ("ches", "ches_length_normalised", "chosen_tokens")}
     arrays["change"] = after[:, 0].numpy() - np.array([v["ref_logp_chosen"] for v in values])
     return f"{trained['loss']} on {Path(data).stem}", arrays
@@ -594,7 +598,7 @@ def displacement(argv):
     device = default_device()
     try:
         runs = dict(chosen_logp_change(run, args.batch_size, device) for run in args.runs)
-    except DataError as e:
+    except (DataError, ModelError) as e:
         sys.exit(f"error: {e}")
     results = {}
     for label, arrays in runs.items():

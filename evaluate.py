@@ -23,14 +23,17 @@ from pathlib import Path
 import torch
 
 import preference_data
-import reference_cache
 from apo import LOSSES
-from batching import choose_collate
-from checkpoints import read_state
 from clair import ChatClient, FatalRequestError, HelpFormatter, RetriesExhausted, fill, judge, prompt_text
-from language_model import (MAX_LENGTH, MAX_PROMPT_LENGTH, default_device, default_dtype, generate, load_model,
-                            setting_error, tokenize_pairs)
-from logprobs import pair_metrics, pairs_logps
+from clair_apo import reference_cache
+from clair_apo.chat_tokens import tokenize_pairs
+from clair_apo.checkpoints import read_state
+from clair_apo.generation import generate
+from clair_apo.logprobs import LogprobPass, pairs_logps
+from clair_apo.metrics import pair_metrics
+from clair_apo.models import (MAX_LENGTH, MAX_PROMPT_LENGTH, ModelError, default_device, default_dtype, load_model,
+                              setting_error)
+from clair_apo.packing import choose_batching
 
 GRADER_PROMPT = """\
 Grade a response against the reference answer to a question. It is correct when its final answer means the \
@@ -120,12 +123,12 @@ def pair_report(policy, ref, pairs, loss_fn, beta):
     return report
 
 
-def collate_for(name, model, pairs, args, device):
-    """Training's collate for `model`, chosen as train.py chooses it, on the first batch of pairs."""
+def logprob_pass(name, model, pairs, args, device):
+    """The LogprobPass for `model`: training's Batching, chosen as train.py chooses it, on the first batch."""
     first = list(range(min(args.batch_size, len(pairs))))
-    collate, how = choose_collate(model, pairs, indices=first, packing=args.packing, device=device, dtype=args.dtype)
-    print(f"{name}: batching: {how}")
-    return collate
+    batching = choose_batching(model, pairs, indices=first, packing=args.packing, device=device, dtype=args.dtype)
+    print(f"{name}: batching: {batching.description}")
+    return LogprobPass(batching, batch_size=args.batch_size, device=device, dtype=args.dtype)
 
 
 def evaluate_pairs(args, device):
@@ -136,10 +139,9 @@ def evaluate_pairs(args, device):
     if not pairs:
         raise preference_data.DataError(f"{args.data}: no pairs left after truncation")
     mode = reference_cache.compute_mode(args.dtype, fsdp=False)
-    ref = reference_cache.reference_logps(
-        ref_model, pairs, fingerprint=reference_cache.weights_fingerprint(ref_model, mode),
-        folder=reference_cache.FOLDER, collate=collate_for(args.ref, ref_model, pairs, args, device),
-        batch_size=args.batch_size, device=device, dtype=args.dtype)
+    path = reference_cache.cache_file(reference_cache.weights_fingerprint(ref_model, mode))
+    ref = reference_cache.reference_logps(ref_model, pairs, logprob_pass(args.ref, ref_model, pairs, args, device),
+                                          path)
     del ref_model
     reports = {}
     for path in args.model:
@@ -148,8 +150,7 @@ def evaluate_pairs(args, device):
             raise preference_data.DataError(
                 f"{path}: its tokenizer or chat template gives other token ids than the reference's ({args.ref}); "
                 "evaluate a checkpoint against the model it was trained from (--ref)")
-        collate = collate_for(path, model, pairs, args, device)
-        policy = pairs_logps(model, pairs, collate=collate, batch_size=args.batch_size, device=device, dtype=args.dtype)
+        policy = pairs_logps(model, pairs, logprob_pass(path, model, pairs, args, device))
         reports[path] = pair_report(policy, ref, pairs, LOSSES[args.loss], args.beta)
         del model
     return {"pairs": len(pairs), "dropped": dict(drops + tokenize_drops), "models": reports}
@@ -341,7 +342,7 @@ def main(argv=None):
             results["generation"] = generations(args, rows, device)
             if client:
                 judge_generations(client, rows, results["generation"], args.ref)
-    except preference_data.DataError as e:
+    except (preference_data.DataError, ModelError) as e:
         sys.exit(f"error: {e}")
     except (FatalRequestError, RetriesExhausted) as e:
         if args.out and "generation" in results:  # the judge failed after the generations: keep them

@@ -5,15 +5,13 @@
     torchrun --nproc_per_node 8 train.py --model meta-llama/Meta-Llama-3-8B-Instruct --data clair.jsonl --fsdp
 
 The paper's procedure, top to bottom: read and tokenise the pairs; compute the reference model's
-log-probs once (PAPER.md: the reference is the initial model, so no second model stays in memory); check
-at step 0 that the policy reproduces them; then each optimizer step computes policy log-probs of chosen
-and rejected in one forward and takes the loss of apo.py. The machinery lives beside this file:
-batching.py, logprobs.py, reference_cache.py, checkpoints.py, distributed.py, language_model.py.
+log-probs once (the reference is the initial model, so no second model stays in memory: docs/method.md);
+check at step 0 that the policy reproduces them; then each optimizer step computes policy log-probs of
+chosen and rejected in one forward and takes the loss of apo.py. The machinery is in clair_apo/.
 """
 
 import argparse
 import contextlib
-import functools
 import json
 import math
 import random
@@ -27,40 +25,51 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import reference_cache
 from apo import LOSSES
-from batching import choose_collate, train_batches
-from checkpoints import checkpoint_state, latest_checkpoint, load_checkpoint, save_checkpoint, trim_metrics
-from distributed import (broadcast_object, log0, max_over_processes, rank, rank0_first, setup, sharded,
-                         sum_over_processes, teardown, world_size, wrap_model)
-from language_model import (DEFAULT_MODEL, MAX_LENGTH, MAX_PROMPT_LENGTH, autocast, default_device, default_dtype,
-                            disable_dropout, enable_checkpointing, load_model, setting_error, tokenize_pairs)
-from logprobs import METRICS, pair_metrics, pair_stats, pairs_logps, sequence_logps
+from clair_apo import reference_cache
+from clair_apo.batching import pairs_trained, plan_steps
+from clair_apo.chat_tokens import tokenize_pairs
+from clair_apo.checkpoints import checkpoint_to_resume, load_checkpoint, save_checkpoint, trim_metrics
+from clair_apo.distributed import (broadcast_object, log0, max_over_processes, rank, rank0_first, setup, sharded,
+                                   sum_over_processes, teardown, world_size, wrap_model)
+from clair_apo.logprobs import LogprobPass, pairs_logps
+from clair_apo.metrics import METRICS, pair_metrics, pair_stats
+from clair_apo.models import (DEFAULT_MODEL, MAX_LENGTH, MAX_PROMPT_LENGTH, ModelError, autocast, default_device,
+                              default_dtype, disable_dropout, enable_checkpointing, load_model, setting_error)
+from clair_apo.packing import choose_batching
 from preference_data import BUNDLED_EVAL, BUNDLED_TRAIN, DataError, load_pairs, write_reference_logps
 
+DEMO_STEPS = 12  # python train.py with no --data: a short demonstration on the bundled pairs
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL, help="local path or hub id; default: the embedded SmolLM2")
     p.add_argument("--data", default=None, help="train pairs: JSONL, .parquet or a Hub dataset id "
-                   f"(default: {BUNDLED_TRAIN.relative_to(BUNDLED_TRAIN.parents[1])})")
+                   f"(default: the bundled demo, {BUNDLED_TRAIN.relative_to(BUNDLED_TRAIN.parents[1])})")
     p.add_argument("--eval-data", default=None, help="held-out pairs, as --data (default: bundled, or --eval-fraction)")
     p.add_argument("--eval-fraction", type=float, default=0.05, help="held out from --data without --eval-data")
-    p.add_argument("--loss", choices=sorted(LOSSES), default="apo_zero")
-    p.add_argument("--beta", type=float, default=0.1)
-    p.add_argument("--lr", type=float, default=5e-6)
-    p.add_argument("--optimizer", choices=["adamw", "rmsprop"], default="adamw")
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--lr-scheduler", choices=["linear", "cosine"], default="linear")
-    p.add_argument("--warmup-ratio", type=float, default=0.1)
+    p.add_argument("--loss", choices=sorted(LOSSES), default="apo_zero",
+                   help="apo_zero when chosen answers beat the model's own (CLAIR), apo_down when the model's "
+                        "beat them; dpo to compare (default: apo_zero)")
+    p.add_argument("--beta", type=float, default=0.1, help="scale of the implicit reward beta * (log pi - log "
+                   "pi_ref) (default: 0.1)")
+    p.add_argument("--lr", type=float, default=5e-6, help="peak learning rate (default: 5e-6)")
+    p.add_argument("--optimizer", choices=["adamw", "rmsprop"], default="adamw", help="default: adamw (fused)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay (default: 0)")
+    p.add_argument("--lr-scheduler", choices=["linear", "cosine"], default="linear",
+                   help="decay to 0 after the warmup (default: linear)")
+    p.add_argument("--warmup-ratio", type=float, default=0.1, help="share of the steps spent warming up linearly "
+                   "to --lr (default: 0.1)")
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="0: no clipping (grad_norm is still logged)")
     p.add_argument("--epochs", type=int, default=1, help="at least 1")
-    p.add_argument("--max-steps", type=int, default=12, help="stop after this many optimizer steps (0: no limit)")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps (default: "
+                   f"{DEMO_STEPS} on the bundled demo data, otherwise every step of --epochs)")
     p.add_argument("--batch-size", type=int, default=2, help="pairs per micro-batch, per process")
     p.add_argument("--grad-accum", type=int, default=4, help="micro-batches per optimizer step")
     p.add_argument("--max-length", type=int, default=MAX_LENGTH, help="prompt + completion tokens")
-    p.add_argument("--max-prompt-length", type=int, default=MAX_PROMPT_LENGTH)
+    p.add_argument("--max-prompt-length", type=int, default=MAX_PROMPT_LENGTH,
+                   help="a longer prompt drops its pair (default: %(default)s)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="default: bf16 on CUDA, else fp32")
     p.add_argument("--gradient-checkpointing", nargs="?", choices=["none", "selective", "full"], default="none",
                    const="full", help="recompute activations in the backward: full (the flag alone) keeps each "
@@ -72,22 +81,26 @@ def parse_args(argv=None):
                    help="transformers' attention kernel, e.g. flash_attention_2 (needs --dtype bf16 and "
                         "pip install flash-attn; default: sdpa)")
     p.add_argument("--fsdp", action="store_true", help="shard parameters, gradients and optimizer state")
-    p.add_argument("--log-every", type=int, default=1)
+    p.add_argument("--log-every", type=int, default=1, help="write train metrics every N steps (default: 1)")
     p.add_argument("--eval-every", type=int, default=0, help="0: evaluate at step 0 and at the end only")
     p.add_argument("--save-every", type=int, default=0, help="0: save only at the end")
     p.add_argument("--ref-check-tol", type=float, default=None,
                    help="step-0 check: max |policy - reference| summed log-prob per sqrt(completion tokens) "
                         "(default 1e-3 in fp32, 0.25 in bf16)")
-    p.add_argument("--out", default="runs/apo_zero")
+    p.add_argument("--out", default=None, help="the run's folder: metrics.jsonl, args.json, checkpoints "
+                   "(default: runs/LOSS)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the latest checkpoint in --out; it reads the optimizer/ state, PyTorch "
                         "distributed-checkpoint files whose metadata is a pickle: resume only runs you made yourself")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the data order, the eval split and torch's generators")
     p.add_argument("--write-ref-logps", help="also write every train pair to this JSONL file in TRL's format, with "
                    "its reference log-prob in TRL's ref_chosen_logps / ref_rejected_logps columns, for diagnose.py "
                    "(TRL 1.16 computes these columns itself under precompute_ref_log_probs)")
     args = p.parse_args(argv)
     args.dtype = args.dtype or default_dtype(default_device())
+    args.out = args.out or f"runs/{args.loss}"
+    if args.max_steps is None and args.data is None:
+        args.max_steps = DEMO_STEPS
     if why := setting_error(args.max_length, args.max_prompt_length, args.attn_implementation, args.dtype):
         p.error(why)
     if args.epochs < 1:
@@ -109,33 +122,6 @@ def load_splits(args):
     shuffled = random.Random(args.seed).sample(train, len(train))
     n_eval = max(1, round(args.eval_fraction * len(train)))
     return shuffled[n_eval:], shuffled[:n_eval], drops
-
-
-@dataclass(frozen=True)
-class Step:
-    """One optimizer step: `shares[process]` is that process's micro-batches, each a list of pair indices."""
-    epoch: int
-    shares: list
-
-    @property
-    def pairs(self):
-        """Every pair index of the step, on all processes."""
-        return [i for share in self.shares for batch in share for i in batch]
-
-
-def plan_steps(n_pairs, args):
-    """The run's optimizer steps: each epoch reshuffled, cut into micro-batches of --batch-size, dealt to the
-    processes, --grad-accum micro-batches a step; --max-steps caps the total."""
-    steps = []
-    for epoch in range(args.epochs):
-        batches = train_batches(n_pairs, args.batch_size, args.seed, epoch)
-        per_process = len(batches) // world_size()
-        shares = [batches[r::world_size()][:per_process] for r in range(world_size())]
-        steps += [Step(epoch, [share[i:i + args.grad_accum] for share in shares])
-                  for i in range(0, per_process, args.grad_accum)]
-        if args.max_steps and len(steps) >= args.max_steps:
-            return steps[:args.max_steps]
-    return steps
 
 
 def tokenize_splits(tokenizer, splits, args):
@@ -167,7 +153,7 @@ def make_optimizer(model, args, total_steps):
     """AdamW or RMSprop, with linear warmup to --lr then linear or cosine decay to 0 at `total_steps`.
     Built before any forward: FSDP2 swaps root parameters on its first. AdamW is torch's fused kernel, as
     transformers' Trainer defaults to: one pass over each parameter, where the for-loop version allocates
-    two temporaries the size of the largest (the embedding: 0.2 GiB on SmolLM2 at the step's peak)."""
+    two temporaries the size of the largest at the step's peak."""
     params = [p for p in model.parameters() if p.requires_grad]
     if args.optimizer == "adamw":
         optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, fused=True)
@@ -185,79 +171,87 @@ def make_optimizer(model, args, total_steps):
 
 # ----------------------------------------------------------------------------- the step-0 check
 
-# The step-0 check's default tolerances. bf16 rounding alone reached 0.075 on SmolLM2 (CPU, batches packed
-# differently from the precompute's); a stale cache 15 nats off on a 300-token answer scores 0.87.
+# The step-0 check's default tolerances: above bf16's rounding between differently packed batches, below
+# what a stale cache scores (15 nats off on a 300-token answer: 0.87). docs/benchmarks.md has the measurements.
 REF_CHECK_TOL = {"fp32": 1e-3, "bf16": 0.25}
 
 
-def reference_gap(model, batch, ref, dtype):
+def reference_gap(model, batch, ref, *, logps, dtype):
     """Max |log pi_theta - log pi_ref| / sqrt(completion tokens) over the sequences of one collated `batch`,
-    in training mode, no grad; `ref` holds the batch's pairs' reference log-probs, [pairs, 2].
+    in training mode, no grad, by `logps` (the Batching's log-prob function); `ref` holds the batch's pairs'
+    reference log-probs, [pairs, 2].
 
     At step 0 the policy is the reference, so this must be ~0: it catches dropout left on, truncation
     or masking that differs from the precompute, and a stale cache. Rounding differences add up like
     sqrt(tokens), a wrong log-prob like tokens: so a whole-sequence mismatch is caught at any length."""
     with torch.no_grad(), autocast(batch["input_ids"].device, dtype):
-        policy = sequence_logps(model, batch).view(2, -1).T
-    tokens = torch.bincount(batch["sequence"], minlength=batch["sequences"]).view(2, -1).T
+        policy = logps(model, batch).view(2, -1).T
+    tokens = torch.bincount(batch["sequence_of_target"], minlength=batch["num_sequences"]).view(2, -1).T
     gap = ((policy - ref.to(policy)).abs() / tokens.sqrt()).max().reshape(1)
     return max_over_processes(gap).item()
 
 
 # ----------------------------------------------------------------------------- one optimizer step
 
-def train_step(model, optimizer, micro_batches, *, pairs_in_step, micro_batch, ref, args):
-    """One optimizer step over this process's `micro_batches` (lists of pair indices): its metrics.
+def train_step(model, optimizer, step, *, batching, pairs, ref, args):
+    """One optimizer step over this process's micro-batches of `step`: its metrics.
 
-    `micro_batch(indices)` gives a micro-batch's tensors on the device, where `ref` holds every pair's
-    reference log-probs. Chosen and rejected of a micro-batch share one forward. The loss is the mean over
-    the `pairs_in_step` pairs of the whole step on all processes, so 1 x 4 and 4 x 1 micro-batches give the
-    same update; DDP and FSDP average gradients over processes, hence the world_size(). Raises
+    `batching` collates a micro-batch of `pairs` (tokenised) and computes its log-probs; `ref` holds every
+    pair's reference log-probs, on the device. Chosen and rejected of a micro-batch share one forward. The
+    loss is the mean over the step's pairs on all processes, so 1 x 4 and 4 x 1 micro-batches give the same
+    update; DDP and FSDP average gradients over processes, hence the world_size(). Raises
     FloatingPointError, before the update, when the loss or the gradient is not finite.
     """
     loss_fn = LOSSES[args.loss]
     totals = torch.zeros(len(METRICS), dtype=torch.float64, device=ref.device)
     tokens, start = 0, time.time()
     ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
-    for k, indices in enumerate(micro_batches):
-        batch = micro_batch(indices)
-        sync = not ddp or k == len(micro_batches) - 1  # DDP: all-reduce gradients on the last one only
+    for k, indices in enumerate(step.micro_batches):
+        batch = batching.collate(pairs, indices, ref.device)
+        sync = not ddp or k == len(step.micro_batches) - 1  # DDP: all-reduce gradients on the last one only
         with (contextlib.nullcontext() if sync else model.no_sync()), autocast(ref.device, args.dtype):
-            policy_chosen, policy_rejected = sequence_logps(model, batch).view(2, -1)
-            ref_chosen, ref_rejected = ref[batch["pairs"]].T
+            policy_chosen, policy_rejected = batching.sequence_logps(model, batch).view(2, -1)
+            ref_chosen, ref_rejected = ref[batch["pair_indices"]].T
             losses = loss_fn(policy_chosen, policy_rejected, ref_chosen, ref_rejected, args.beta)
-            (losses.sum() * world_size() / pairs_in_step).backward()
+            (losses.sum() * world_size() / step.pairs_in_step).backward()
         totals += pair_stats(losses, policy_chosen, policy_rejected, ref_chosen, ref_rejected, args.beta)
         tokens += batch["tokens"]
     sum_over_processes(totals)
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm or math.inf)  # 0: measured, not clipped
-    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    grad_norm = clip_gradients(optimizer, args.max_grad_norm)
     if not (torch.isfinite(totals[0]) and torch.isfinite(grad_norm)):
         optimizer.zero_grad(set_to_none=True)
         raise FloatingPointError("non-finite loss or gradient")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    metrics = {name: v / pairs_in_step for name, v in zip(METRICS, totals.tolist())}
+    metrics = {name: v / step.pairs_in_step for name, v in zip(METRICS, totals.tolist())}
     metrics.update({"grad_norm": grad_norm.item(), "tokens/s": tokens * world_size() / (time.time() - start)})
     return metrics
+
+
+def clip_gradients(optimizer, max_norm):
+    """The gradients' global norm, over every process, after clipping them to `max_norm` (0: measured only)."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm or math.inf)
+    return grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
 
 
 # ----------------------------------------------------------------------------- the run
 
 @dataclass
 class Run:
-    """What the loop needs besides the step plan: the model, its optimizer, and the output folder's metrics
-    log, evaluation and checkpoints."""
+    """What the loop works on: the model and its optimizer, the train pairs with their reference log-probs
+    (on the device), the eval pairs with theirs (on the CPU), and the output folder's metrics log, evaluation
+    and checkpoints."""
     args: argparse.Namespace
     model: torch.nn.Module
     tokenizer: object
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
+    how: LogprobPass
+    train_pairs: list
+    ref_train: torch.Tensor
     eval_pairs: list
     ref_eval: torch.Tensor
-    collate: object  # batching's choice: (pairs, indices, device) -> tensors
-    device: torch.device
     step: int = 0
 
     @property
@@ -271,10 +265,8 @@ class Run:
 
     def evaluate(self):
         """Held-out metrics against the eval pairs' reference log-probs, logged as eval/*."""
-        args = self.args
-        policy = pairs_logps(self.model, self.eval_pairs, collate=self.collate, batch_size=2 * args.batch_size,
-                             device=self.device, dtype=args.dtype)
-        metrics = pair_metrics(policy, self.ref_eval, LOSSES[args.loss], args.beta)
+        policy = pairs_logps(self.model, self.eval_pairs, self.how)
+        metrics = pair_metrics(policy, self.ref_eval, LOSSES[self.args.loss], self.args.beta)
         self.log({f"eval/{k}": v for k, v in metrics.items()})
         return metrics
 
@@ -296,105 +288,76 @@ class Run:
             (self.out / "args.json").write_text(json.dumps(vars(self.args), indent=2) + "\n")
 
 
-# Flags that may change on --resume: they do not change what is computed (a copied run folder is resumable;
-# checkpointing recomputes the same activations).
-RESUME_MAY_CHANGE = {"resume", "out", "log_every", "eval_every", "save_every", "write_ref_logps",
-                     "gradient_checkpointing"}
-
-
-def checkpoint_to_resume(args):
-    """The latest checkpoint in --out under --resume, else None; refused when it was trained with other flags."""
-    if not args.resume:
-        return None
-    checkpoint = latest_checkpoint(args.out)
-    if checkpoint is None:
-        sys.exit(f"--resume: no checkpoint-* folder in {args.out}")
-    saved = checkpoint_state(checkpoint)["args"]
-    changed = sorted(k for k in saved.keys() | vars(args).keys()
-                     if k not in RESUME_MAY_CHANGE and saved.get(k) != vars(args).get(k))
-    if changed:
-        raise DataError(f"--resume: {checkpoint} was trained with other " + ", ".join(
-            f"--{k.replace('_', '-')} ({saved.get(k)!r}, now {vars(args).get(k)!r})" for k in changed))
-    return checkpoint
-
-
-def reference_pass(model, train_pairs, eval_pairs, steps, fingerprint, collate, args, device):
-    """log pi_ref of every pair the run will train on and of the eval pairs: from the cache, else computed
-    by the initial model in one no-grad pass. [pairs, 2] each, float64; the train pairs' on the device, for
-    train_step, the eval pairs' on the CPU, for pair_metrics. --write-ref-logps asks for every train pair."""
-    used = range(len(train_pairs)) if args.write_ref_logps else sorted(set(i for step in steps for i in step.pairs))
-    compute = dict(fingerprint=fingerprint, folder=reference_cache.FOLDER, collate=collate,
-                   batch_size=2 * args.batch_size, device=device, dtype=args.dtype)
-    ref_train = torch.zeros(len(train_pairs), 2, dtype=torch.float64)
-    ref_train[used] = reference_cache.reference_logps(model, [train_pairs[i] for i in used], **compute,
+def reference_pass(model, train_pairs, used, eval_pairs, cache_file, how):
+    """log pi_ref of the train pairs `used` and of every eval pair: from the cache file, else computed by the
+    initial model in one no-grad pass. [pairs, 2] each, float64; the train pairs' on the device, for
+    train_step, with NaN for the pairs not used; the eval pairs' on the CPU, for pair_metrics."""
+    ref_train = torch.full((len(train_pairs), 2), math.nan, dtype=torch.float64)
+    ref_train[used] = reference_cache.reference_logps(model, [train_pairs[i] for i in used], how, cache_file,
                                                       desc="reference (train)")
-    ref_eval = reference_cache.reference_logps(model, eval_pairs, **compute, desc="reference (eval)")
-    return ref_train.to(device), ref_eval
+    ref_eval = reference_cache.reference_logps(model, eval_pairs, how, cache_file, desc="reference (eval)")
+    return ref_train.to(how.device), ref_eval
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    device = setup()
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    try:
-        checkpoint = checkpoint_to_resume(args)
-        splits = load_splits(args)
-        with rank0_first():  # only rank 0 reads the weights; the others build the model empty and receive them
-            tokenizer, model = load_model(args.model, attn_implementation=args.attn_implementation,
-                                          weights=rank() == 0)
-        train_pairs, eval_pairs = tokenize_splits(tokenizer, splits, args)
-        steps = plan_steps(len(train_pairs), args)
-        if not steps:
-            raise DataError("fewer train pairs than processes x --batch-size")
-        model, fingerprint = prepare_model(model, args, device)
-        optimizer, scheduler = make_optimizer(model, args, total_steps=len(steps))
-        collate, how = choose_collate(model, train_pairs, indices=steps[0].shares[0][0], packing=args.packing,
-                                      device=device, dtype=args.dtype)
-        log0(f"batching: {how}")
-        ref_train, ref_eval = reference_pass(model, train_pairs, eval_pairs, steps=steps, fingerprint=fingerprint,
-                                             collate=collate, args=args, device=device)
-        if args.write_ref_logps and rank() == 0:
-            by_id = {row["id"]: row for row in splits[0]}
-            write_reference_logps([by_id[pair["id"]] for pair in train_pairs], ref_train.tolist(), args.write_ref_logps)
-            log0(f"wrote {args.write_ref_logps}: {len(train_pairs)} train pairs with their reference log-probs")
-        run = Run(args=args, model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
-                  eval_pairs=eval_pairs, ref_eval=ref_eval, collate=collate, device=device)
-        run.start_or_resume(checkpoint)
-    except DataError as e:
-        sys.exit(f"error: {e}")
-    micro_batch = functools.partial(collate, train_pairs, device=device)
-
-    model.train()
-    if run.step == 0:  # before any update: the initial model's held-out metrics, and the step-0 check
-        run.evaluate()
-        first = steps[0].shares[rank()][0]
-        gap = reference_gap(model, micro_batch(first), ref=ref_train[first], dtype=args.dtype)
-        run.log({"ref_check/max_abs_diff_per_sqrt_token": gap})
-        tol = args.ref_check_tol or REF_CHECK_TOL[args.dtype]
-        if not gap <= tol:  # NaN fails too
-            sys.exit(f"error: step-0 check failed: policy and cached reference log-probs differ by {gap:.2e} "
-                     f"per sqrt(token) (> {tol:g}); dropout, truncation or masking differ, or the cache is stale")
-    train_loop(run, steps, micro_batch=micro_batch, ref=ref_train)
-    final = run.evaluate()
-    run.save("final")
-    log0("\n".join([f"done: {run.step} steps of {args.loss}, beta {args.beta}; checkpoint in {run.out / 'final'}",
-                    *(f"  eval/{k:<20} {v:+.4f}" for k, v in final.items())]))
-    teardown()
+def prepare_run(args, device):
+    """The Run and its step plan: data read and tokenised, the model loaded and wrapped, its batching measured,
+    the reference log-probs computed or read from the cache, and the checkpoint to resume from loaded."""
+    checkpoint = checkpoint_to_resume(args)
+    splits = load_splits(args)
+    with rank0_first():  # only rank 0 reads the weights; the others build the model empty and receive them
+        tokenizer, model = load_model(args.model, attn_implementation=args.attn_implementation, weights=rank() == 0)
+    train_pairs, eval_pairs = tokenize_splits(tokenizer, splits, args)
+    steps = plan_steps(len(train_pairs), args)
+    if not steps:
+        raise DataError("fewer train pairs than processes x --batch-size")
+    model, fingerprint = prepare_model(model, args, device)
+    optimizer, scheduler = make_optimizer(model, args, total_steps=len(steps))
+    batching = choose_batching(model, train_pairs, indices=steps[0].micro_batches[0], packing=args.packing,
+                               device=device, dtype=args.dtype)
+    log0(f"batching: {batching.description}")
+    how = LogprobPass(batching, batch_size=2 * args.batch_size, device=device, dtype=args.dtype)
+    used = range(len(train_pairs)) if args.write_ref_logps else pairs_trained(len(train_pairs), args)
+    ref_train, ref_eval = reference_pass(model, train_pairs, used, eval_pairs,
+                                         cache_file=reference_cache.cache_file(fingerprint), how=how)
+    if args.write_ref_logps and rank() == 0:
+        by_id = {row["id"]: row for row in splits[0]}
+        write_reference_logps([by_id[pair["id"]] for pair in train_pairs], ref_train.tolist(), args.write_ref_logps)
+        log0(f"wrote {args.write_ref_logps}: {len(train_pairs)} train pairs with their reference log-probs")
+    run = Run(args=args, model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler, how=how,
+              train_pairs=train_pairs, ref_train=ref_train, eval_pairs=eval_pairs, ref_eval=ref_eval)
+    run.start_or_resume(checkpoint)
+    return run, steps
 
 
-def train_loop(run, steps, micro_batch, ref):
+def step_zero(run, first):
+    """Before any update: the initial model's held-out metrics, and the step-0 check on this process's first
+    micro-batch `first`; raises StepZeroError when the policy does not reproduce the reference."""
+    args, batching = run.args, run.how.batching
+    run.evaluate()
+    batch = batching.collate(run.train_pairs, first, run.how.device)
+    gap = reference_gap(run.model, batch, run.ref_train[first], logps=batching.sequence_logps, dtype=args.dtype)
+    run.log({"ref_check/max_abs_diff_per_sqrt_token": gap})
+    tol = args.ref_check_tol or REF_CHECK_TOL[args.dtype]
+    if not gap <= tol:  # NaN fails too
+        raise StepZeroError(f"step-0 check failed: policy and cached reference log-probs differ by {gap:.2e} per "
+                            f"sqrt(token) (> {tol:g}); dropout, truncation or masking differ, or the cache is stale")
+
+
+class StepZeroError(RuntimeError):
+    """The policy does not reproduce the reference log-probs before any update."""
+
+
+def train_loop(run, steps):
     """From run.step to the last step: update, log, evaluate and save as the flags say."""
     args = run.args
     bar = tqdm(total=len(steps), initial=run.step, disable=rank() != 0, dynamic_ncols=True)
     while run.step < len(steps):
         step, lr = steps[run.step], run.scheduler.get_last_lr()[0]
         try:
-            metrics = train_step(run.model, run.optimizer, step.shares[rank()], pairs_in_step=len(step.pairs),
-                                 micro_batch=micro_batch, ref=ref, args=args)
+            metrics = train_step(run.model, run.optimizer, step, batching=run.how.batching, pairs=run.train_pairs,
+                                 ref=run.ref_train, args=args)
         except FloatingPointError as e:
-            sys.exit(f"error: {e} at step {run.step + 1}; the last checkpoint in {run.out} is kept")
+            raise FloatingPointError(f"{e} at step {run.step + 1}; the last checkpoint in {run.out} is kept") from None
         run.scheduler.step()
         run.step += 1
         metrics.update({"lr": lr, "epoch": step.epoch})
@@ -407,6 +370,27 @@ def train_loop(run, steps, micro_batch, ref):
         if args.save_every and run.step % args.save_every == 0 and run.step < len(steps):
             run.save(f"checkpoint-{run.step}")
     bar.close()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = setup()
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    try:
+        run, steps = prepare_run(args, device)
+        run.model.train()
+        if run.step == 0:
+            step_zero(run, first=steps[0].micro_batches[0])
+        train_loop(run, steps)
+    except (DataError, ModelError, StepZeroError, FloatingPointError) as e:
+        sys.exit(f"error: {e}")
+    final = run.evaluate()
+    run.save("final")
+    log0("\n".join([f"done: {run.step} steps of {args.loss}, beta {args.beta}; checkpoint in {run.out / 'final'}",
+                    *(f"  eval/{k:<20} {v:+.4f}" for k, v in final.items())]))
+    teardown()
 
 
 if __name__ == "__main__":

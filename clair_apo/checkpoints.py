@@ -28,14 +28,14 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from distributed import barrier, rank, unwrap
+from clair_apo.distributed import barrier, rank, unwrap
 from preference_data import DataError, cut_torn_line, read_jsonl
 
 # torch.distributed.checkpoint saving and loading in one process is intended here (optimizer/).
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 STATE = "trainer_state.json"
-PICKLED_STATE = "trainer_state.pt"  # older train.py versions: refused, never unpickled
+PICKLED_STATE = "trainer_state.pt"  # a pickled state: refused, never unpickled
 
 
 def save_checkpoint(model, tokenizer, optimizer, scheduler, state, folder):
@@ -87,7 +87,7 @@ def set_rng_state(saved):
 
 def read_state(folder):
     """The trainer_state.json of a train.py checkpoint, or None for a model train.py did not save. A pickled
-    trainer_state.pt (older versions) is refused: loading it could run any code its author put in it."""
+    trainer_state.pt is refused: loading it could run any code its author put in it."""
     folder = Path(folder)
     if (folder / STATE).exists():
         try:
@@ -95,7 +95,7 @@ def read_state(folder):
         except json.JSONDecodeError as e:
             raise DataError(f"{folder / STATE}: not valid JSON ({e})") from None
     if (folder / PICKLED_STATE).exists():
-        raise DataError(f"{folder / PICKLED_STATE}: a pickled training state (an older train.py), not loaded "
+        raise DataError(f"{folder / PICKLED_STATE}: a pickled training state, not loaded "
                         "because unpickling can run code; to evaluate the weights, delete it and give --ref, "
                         "--loss and --beta; such a run cannot be resumed")
     return None
@@ -143,3 +143,25 @@ def load_checkpoint(model, optimizer, scheduler, folder):
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
     return state
+
+
+# Flags that may change on --resume: they do not change what is computed (a copied run folder is resumable;
+# checkpointing recomputes the same activations).
+RESUME_MAY_CHANGE = {"resume", "out", "log_every", "eval_every", "save_every", "write_ref_logps",
+                     "gradient_checkpointing"}
+
+
+def checkpoint_to_resume(args):
+    """The latest checkpoint in --out under --resume, else None; refused when it was trained with other flags."""
+    if not args.resume:
+        return None
+    checkpoint = latest_checkpoint(args.out)
+    if checkpoint is None:
+        raise DataError(f"--resume: no checkpoint-* folder in {args.out}")
+    saved = checkpoint_state(checkpoint)["args"]
+    changed = sorted(k for k in saved.keys() | vars(args).keys()
+                     if k not in RESUME_MAY_CHANGE and saved.get(k) != vars(args).get(k))
+    if changed:
+        raise DataError(f"--resume: {checkpoint} was trained with other " + ", ".join(
+            f"--{k.replace('_', '-')} ({saved.get(k)!r}, now {vars(args).get(k)!r})" for k in changed))
+    return checkpoint

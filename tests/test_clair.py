@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 
 import clair
-import language_model
 from conftest import SHARED, fixture_rows, replay_reviser
-from testbed import ChatServer, write_jsonl
+from benchmarks.testbed import ChatServer, write_jsonl
+from clair_apo import models
 
-HERE = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]
 needs_fixtures = pytest.mark.skipif(not (SHARED / "fixtures").is_dir(),
                                     reason="the real reviser replies live in ../shared/fixtures beside the checkout")
 SECRET = "sk-test-DO-NOT-LEAK-31337"
@@ -223,7 +223,7 @@ def test_sigkill_mid_run_then_rerun_writes_every_id_once(tmp_path):
     out = tmp_path / "clair.jsonl"
     env = {**os.environ, "OPENAI_API_KEY": SECRET}
     with ChatServer(replay_reviser(rows), delay=0.25) as server:
-        command = [sys.executable, str(HERE / "clair.py"), "revise", "--in", samples, "--out", str(out),
+        command = [sys.executable, str(ROOT / "clair.py"), "revise", "--in", samples, "--out", str(out),
                    "--base-url", server.base_url, "--model", "gpt-4", "--workers", "2"]
         first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         deadline = time.time() + 60
@@ -342,7 +342,9 @@ def test_local_samples_are_seeded_per_answer_so_a_resumed_run_repeats_them(tmp_p
 def test_local_finish_reason_is_stop_at_end_of_sequence_and_length_at_the_limit(tiny_model):
     import torch
 
-    from language_model import chat_ids, generate, load_model
+    from clair_apo.chat_tokens import chat_ids
+    from clair_apo.generation import generate
+    from clair_apo.models import load_model
 
     tokenizer, model = load_model(tiny_model)
     ids = chat_ids(tokenizer, [{"role": "user", "content": "Hi"}], add_generation_prompt=True)
@@ -356,7 +358,7 @@ def test_local_finish_reason_is_stop_at_end_of_sequence_and_length_at_the_limit(
 
 def test_import_clair_needs_neither_torch_nor_transformers():
     code = "import sys, clair; print(sorted({'torch', 'transformers', 'requests'} & set(sys.modules)))"
-    imported = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, check=True)
+    imported = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert imported.stdout.strip() == "[]"  # requests, too, only once a request is sent: --help answers at once
 
 
@@ -379,7 +381,7 @@ def real_server(tmp_path_factory):
         pytest.skip(f"transformers serve needs {', '.join(missing)}: pip install fastapi uvicorn openai")
     
     try:
-        model = language_model.resolve_model(language_model.DEFAULT_MODEL)
+        model = models.resolve_model(models.DEFAULT_MODEL)
     except SystemExit as e:
         pytest.skip(f"the embedded model is missing: {e}")
     with socket.socket() as probe:
@@ -445,7 +447,8 @@ def test_a_real_server_refuses_a_wrong_model_or_url_at_once(tmp_path, real_serve
 
 def test_local_generation_without_a_pad_token(tmp_path, padless_model):
     """Llama-3 style: no pad token. Left padding under the attention mask: a batch answers as each prompt alone."""
-    from language_model import generate, load_model
+    from clair_apo.generation import generate
+    from clair_apo.models import load_model
 
     tokenizer, model = load_model(padless_model)
     assert tokenizer.pad_token_id is None
@@ -460,19 +463,10 @@ def test_local_generation_without_a_pad_token(tmp_path, padless_model):
 
 # ----------------------------------------------------------------------------- contrastiveness
 
-def levenshtein_dp(a, b):
-    previous = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        current = [i]
-        for j, cb in enumerate(b, 1):
-            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb)))
-        previous = current
-    return previous[-1]
-
-
 def test_levenshtein_equals_dynamic_programming():
     rng = random.Random(0)
     cases = [("", ""), ("", "abc"), ("kitten", "sitting"), ("flaw", "lawn"), ("é✓x", "e✓"), ("a" * 70, "b" * 65)]
+    assert [clair.levenshtein(a, b) for a, b in cases[:4]] == [0, 3, 3, 2]  # the textbook values
     for _ in range(300):
         alphabet = rng.choice(["ab", "abcd", "abcdefghij éü"])
         a = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 90)))
@@ -482,7 +476,7 @@ def test_levenshtein_equals_dynamic_programming():
                 b[rng.randrange(len(b))] = rng.choice(alphabet)
         cases.append((a, "".join(b)))
     for a, b in cases:
-        assert clair.levenshtein(a, b) == levenshtein_dp(a, b) == clair.levenshtein(b, a), (a, b)
+        assert clair.levenshtein_bit_parallel(a, b) == clair.levenshtein(a, b) == clair.levenshtein_bit_parallel(b, a), (a, b)
 
 
 def test_stats_table(tmp_path, capsys):
@@ -513,7 +507,9 @@ def test_stats_prints_every_readable_file_and_names_the_others(tmp_path, capsys)
 def test_local_generation_counts_the_tokens_it_generated(tiny_model):
     import torch
 
-    from language_model import chat_ids, generate, load_model
+    from clair_apo.chat_tokens import chat_ids
+    from clair_apo.generation import generate
+    from clair_apo.models import load_model
 
     tokenizer, model = load_model(tiny_model)
     _, reasons, counts = generate(model, tokenizer, ["Hi", "Tell me a long story, please."], 6)

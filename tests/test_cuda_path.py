@@ -12,15 +12,16 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import batching
-import bench
-import language_model
-import logprobs
-import reference_cache
+from clair_apo import batching
+from benchmarks import bench
+from clair_apo import logprobs
+from clair_apo import reference_cache
 import train
-from testbed import arithmetic_pairs, write_jsonl
+from benchmarks.testbed import arithmetic_pairs, write_jsonl
+from clair_apo import generation
+from clair_apo import models
 
-HERE = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("flags", [["--dtype", "fp32"], []])
@@ -31,12 +32,12 @@ def test_flash_attention_without_bf16_is_refused_in_one_line(flags, capsys):
 
 
 def test_a_missing_flash_attn_package_is_one_line(tiny_model):
-    with pytest.raises(SystemExit, match=r"^error: --attn-implementation flash_attention_2: .*; pip install flash-attn$"):
-        language_model.load_model(tiny_model, attn_implementation="flash_attention_2")
+    with pytest.raises(models.ModelError, match=r"^--attn-implementation flash_attention_2: .*; pip install flash-attn$"):
+        models.load_model(tiny_model, attn_implementation="flash_attention_2")
 
 
 def test_the_fingerprint_names_the_compute_mode(tiny_model):
-    _, model = language_model.load_model(tiny_model)
+    _, model = models.load_model(tiny_model)
     modes = {reference_cache.compute_mode(dtype, fsdp) for dtype in ("fp32", "bf16") for fsdp in (False, True)}
     assert modes == {"fp32", "bf16", "bf16-fsdp"}  # FSDP in fp32 computes as one process does
     assert len({reference_cache.weights_fingerprint(model, mode) for mode in modes}) == 3
@@ -52,9 +53,9 @@ def test_bf16_autocast_and_fsdp_bf16_parameters_keep_separate_caches(tmp_path, t
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    runs = [[sys.executable, str(HERE / "train.py"), *common, "--out", str(tmp_path / "one")],
+    runs = [[sys.executable, str(ROOT / "train.py"), *common, "--out", str(tmp_path / "one")],
             [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", str(port),
-             str(HERE / "train.py"), *common, "--fsdp", "--out", str(tmp_path / "fsdp")]]
+             str(ROOT / "train.py"), *common, "--fsdp", "--out", str(tmp_path / "fsdp")]]
     outputs = [subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300, check=True)
                for command in runs]
     assert all("reference (train): 2 pairs' log-probs computed" in out.stdout for out in outputs)
@@ -64,15 +65,15 @@ def test_bf16_autocast_and_fsdp_bf16_parameters_keep_separate_caches(tmp_path, t
 def test_sequence_sums_are_float64(tiny_model):
     """A 1,000-token completion sums to about -5,000 nats, where float32 steps by 5e-4: the sum must be
     the float64 sum of the float32 token log-probs."""
-    _, model = language_model.load_model(tiny_model)
+    _, model = models.load_model(tiny_model)
     model.eval()
     pairs = [{"prompt": [5, 6, 7], "chosen": [40 + i % 200 for i in range(1000)], "rejected": [60, 61]}]
     batch = batching.padded(pairs, [0], "cpu")
     with torch.no_grad():
         got = logprobs.sequence_logps(model, batch)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    tokens = logprobs._token_logps(logits[batch["targets"][0], batch["targets"][1]], batch["labels"])
-    chosen = batch["sequence"] == 0
+    tokens = logits[batch["targets"]].float().log_softmax(-1).gather(-1, batch["labels"][:, None])[:, 0]
+    chosen = batch["sequence_of_target"] == 0
     assert got.dtype == torch.float64
     assert abs(got[0].item() - math.fsum(tokens[chosen].tolist())) < 1e-6
     assert abs(got[0].item() - tokens[chosen].sum(dtype=torch.float32).item()) < 0.1  # the same sum, roughly
@@ -91,8 +92,8 @@ def test_one_row_passes_the_varlen_arguments_transformers_would_derive():
 
 
 def test_generation_in_bf16_on_the_cpu(tiny_model):
-    tokenizer, model = language_model.load_model(tiny_model)
-    answers, reasons, _ = language_model.generate(model.eval(), tokenizer, ["Hi", "What is 2 + 2?"], 4, temperature=1.0,
+    tokenizer, model = models.load_model(tiny_model)
+    answers, reasons, _ = generation.generate(model.eval(), tokenizer, ["Hi", "What is 2 + 2?"], 4, temperature=1.0,
                                                seeds=[1, 2], dtype="bf16")
     assert len(answers) == 2 and reasons == ["length", "length"]
 

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]
 TINY = r"tiny random Llama, hidden \d+"
 
 # (the check column, the pass column) of each row the dry run must print, once each; no other row.
@@ -33,8 +33,8 @@ EXPECTED_ROWS = [
 
 
 def test_dry_run_prints_every_checks_row(tmp_path):
-    env = {**os.environ, "CLAIR_APO_CACHE": str(tmp_path / "cache")}
-    result = subprocess.run([sys.executable, str(HERE / "gpu_check.py"), "--dry-run"], capture_output=True,
+    env = {**os.environ, "CLAIR_APO_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--dry-run"], capture_output=True,
                             text=True, env=env, cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     table = result.stdout.split("| check | value | tolerance or expectation | pass |\n|---|---|---|---|\n")[1]

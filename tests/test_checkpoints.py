@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import checkpoints
+from clair_apo import checkpoints
 import evaluate
 import train
-from testbed import arithmetic_pairs, write_jsonl
+from benchmarks.testbed import arithmetic_pairs, write_jsonl
 
-HERE = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class Payload:
@@ -56,7 +56,7 @@ def test_evaluate_refuses_a_pickled_state_and_runs_nothing(planted, tiny_model, 
 def test_the_refusal_is_one_line_without_a_traceback(planted, tmp_path):
     folder, marker = planted
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hi"}])
-    result = subprocess.run([sys.executable, str(HERE / "evaluate.py"), "--model", str(folder), "--prompts", prompts],
+    result = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--model", str(folder), "--prompts", prompts],
                             capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not marker.exists()
@@ -126,7 +126,7 @@ def test_the_single_process_path_needs_neither_sched_getaffinity_nor_fcntl(tmp_p
     env = {"CLAIR_APO_CACHE": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
     result = subprocess.run([sys.executable, "-c", NOT_LINUX, "--model", tiny_model, "--data", data, "--eval-data",
                              data, "--out", str(tmp_path / "run"), "--max-steps", "2", "--batch-size", "2",
-                             "--grad-accum", "1"], capture_output=True, text=True, timeout=300, cwd=HERE, env=env)
+                             "--grad-accum", "1"], capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "done: 2 steps" in result.stdout and list((tmp_path / "cache" / "ref_logps").glob("*.pt"))
 

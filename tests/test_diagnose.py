@@ -1,20 +1,22 @@
 """diagnose.py: CHES against hand-computed values, the interval and its recommendation, the known sets, the judge
 over loopback and `transformers serve`, and TRL's reference-log-prob columns read back exactly."""
 
+import dataclasses
 import functools
 import json
 
 import pytest
 import torch
 
-import batching
+from clair_apo import batching
 import clair
 import diagnose
 import preference_data
-import reference_cache
-from language_model import load_model, tokenize_pairs
+from clair_apo import reference_cache
+from clair_apo.models import load_model
+from clair_apo.chat_tokens import tokenize_pairs
 from test_clair import real_server  # noqa: F401 (a fixture: `transformers serve` on loopback)
-from testbed import ChatServer, arithmetic_pairs, write_jsonl
+from benchmarks.testbed import ChatServer, arithmetic_pairs, padded_pass, write_jsonl
 
 
 # ----------------------------------------------------------------------------- CHES
@@ -37,9 +39,11 @@ def test_hidden_sums_are_the_head_inputs_that_predict_each_completion_token(tmp_
     tokenizer, model = load_model(tiny_model)
     rows, _ = preference_data.load_pairs(write_jsonl(tmp_path / "d.jsonl", arithmetic_pairs(5)))
     pairs, _ = tokenize_pairs(tokenizer, rows, 512, 192)
-    collate = (batching.padded if layout == "padded"
-               else functools.partial(batching.packed, break_even=batching.attention_break_even(model)))
-    sums = diagnose.hidden_sums(model, pairs, collate=collate, batch_size=2, device=torch.device("cpu"), dtype="fp32")
+    how = padded_pass(2)
+    if layout == "packed":
+        collate = functools.partial(batching.packed, break_even=batching.attention_break_even(model))
+        how = dataclasses.replace(how, batching=dataclasses.replace(how.batching, collate=collate))
+    sums = diagnose.hidden_sums(model, pairs, how)
     with torch.no_grad():
         for i, pair in enumerate(pairs):
             for side, completion in enumerate((pair["chosen"], pair["rejected"])):
@@ -294,9 +298,8 @@ def test_trl_reference_columns_round_trip(tmp_path, tiny_model, ref_cache, capsy
     rows, _ = preference_data.load_pairs(write_jsonl(tmp_path / "d.jsonl", arithmetic_pairs(4)))
     tokenizer, model = load_model(tiny_model)
     pairs, _ = tokenize_pairs(tokenizer, rows, 512, 192)
-    ref = reference_cache.reference_logps(
-        model, pairs, fingerprint=reference_cache.weights_fingerprint(model, "fp32"), folder=tmp_path / "elsewhere",
-        collate=batching.padded, batch_size=2, device=torch.device("cpu"), dtype="fp32")
+    path = tmp_path / "elsewhere" / f"{reference_cache.weights_fingerprint(model, 'fp32')}.pt"
+    ref = reference_cache.reference_logps(model, pairs, padded_pass(2), path)
     data = preference_data.write_reference_logps(rows, ref.tolist(), tmp_path / "with_ref.jsonl")
     assert list(preference_data.read_reference_logps(data).values()) == ref.tolist()
     capsys.readouterr()
@@ -338,7 +341,7 @@ def test_diagnose_beyond_the_tiny_llama(tmp_path, family, padless_model, ref_cac
     answers, CHES and reference log-probs come out for every pair, keyed rows compared by code."""
     import transformers
 
-    from testbed import make_tiny_model
+    from benchmarks.testbed import make_tiny_model
 
     model = padless_model if family == "padless" else make_tiny_model(
         tmp_path / "model", config_class=getattr(transformers, family), head_dim=8)

@@ -1,27 +1,23 @@
 """Batching: which pairs go into each micro-batch, and how their sequences are laid out in rows.
 
 A collate turns a micro-batch (a list of pair indices) into one forward's tensors: the chosen of each pair,
-then the rejected. Three layouts give the same log-probs where `choose_collate` measures them exact:
+then the rejected. Three layouts:
 - `padded`: one sequence per row, right-padded, with an attention mask; exact on every causal LM;
 - `packed`: several sequences per row, position ids restarting at 0 for each, from which transformers
   masks attention within each sequence; as many rows as weigh padding against masked attention best;
 - `one_row`: every sequence in one row, with flash attention's varlen arguments computed once here.
-Either way a row's padding comes after its tokens, which a causal model never looks ahead to.
-
-`choose_collate` makes the measured decisions of how a model's batches are computed: the layout, and whether
-its LM head runs fused (logprobs.check_fused_head, which keeps the answer in logprobs.WHOLE_HEAD).
+A row's padding comes after its tokens, which a causal model never looks ahead to. Packing gives padding's
+log-probs only on models where nothing carries from one sequence to the next; packing.py measures that.
 """
 
-import functools
 import itertools
 import math
 import random
-import sys
+from dataclasses import dataclass
 
 import torch
 
-from distributed import max_over_processes, unwrap
-from logprobs import WHOLE_HEAD, check_fused_head, measuring, sequence_logps
+from clair_apo.distributed import rank, unwrap, world_size
 
 
 def train_batches(n, batch_size, seed, epoch):
@@ -31,44 +27,82 @@ def train_batches(n, batch_size, seed, epoch):
     return [order[i:i + batch_size] for i in range(0, n, batch_size)]
 
 
+@dataclass(frozen=True)
+class Step:
+    """One optimizer step of this process: its micro-batches (lists of pair indices), and how many pairs the
+    step takes on all processes together (the loss is their mean)."""
+    epoch: int
+    micro_batches: list
+    pairs_in_step: int
+
+    @property
+    def pair_indices(self):
+        return [i for micro_batch in self.micro_batches for i in micro_batch]
+
+
+def plan_steps(n_pairs, args, process=None):
+    """The run's optimizer steps for `process` (default: this one): each epoch reshuffled, cut into
+    micro-batches of --batch-size, dealt to the processes, --grad-accum micro-batches a step; --max-steps
+    caps the total."""
+    process = rank() if process is None else process
+    steps = []
+    for epoch in range(args.epochs):
+        batches = train_batches(n_pairs, args.batch_size, args.seed, epoch)
+        per_process = len(batches) // world_size()
+        shares = [batches[r::world_size()][:per_process] for r in range(world_size())]
+        for i in range(0, per_process, args.grad_accum):
+            micro_batches = [share[i:i + args.grad_accum] for share in shares]
+            pairs_in_step = sum(len(batch) for share in micro_batches for batch in share)
+            steps.append(Step(epoch, micro_batches[process], pairs_in_step))
+        if args.max_steps and len(steps) >= args.max_steps:
+            return steps[:args.max_steps]
+    return steps
+
+
+def pairs_trained(n_pairs, args):
+    """Every pair index that some process trains on, in order: whose reference log-probs the run needs."""
+    return sorted({i for r in range(world_size()) for step in plan_steps(n_pairs, args, r) for i in step.pair_indices})
+
+
 # ----------------------------------------------------------------------------- layouts
 
 def padded(pairs, indices, device):
     """One sequence per row, right-padded, with an attention mask."""
-    sequences, prompts = _sequences(pairs, indices)
-    return _layout(indices, sequences, prompts, [[n] for n in range(len(sequences))], device, mask=True)
+    sequences, prompts = sequences_of(pairs, indices)
+    return layout(indices, sequences, prompts, [[n] for n in range(len(sequences))], device, mask=True)
 
 
 def packed(pairs, indices, device, break_even):
     """Sequences packed into rows sized by pack_rows(break_even), position ids restarting per sequence."""
-    sequences, prompts = _sequences(pairs, indices)
-    return _layout(indices, sequences, prompts, pack_rows(list(map(len, sequences)), break_even), device, mask=False)
+    sequences, prompts = sequences_of(pairs, indices)
+    return layout(indices, sequences, prompts, pack_rows(list(map(len, sequences)), break_even), device, mask=False)
 
 
 def one_row(pairs, indices, device):
     """Every sequence in one row, with the cumulative sequence lengths and the longest length that flash
     attention's varlen kernels take: given, transformers skips deriving them from position ids in every layer."""
-    sequences, prompts = _sequences(pairs, indices)
-    batch = _layout(indices, sequences, prompts, [list(range(len(sequences)))], device, mask=False)
+    sequences, prompts = sequences_of(pairs, indices)
+    batch = layout(indices, sequences, prompts, [list(range(len(sequences)))], device, mask=False)
     lengths = list(map(len, sequences))  # the row holds no padding: its width is their sum
     bounds = _to(torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32), device)
     return batch | {"cu_seq_lens_q": bounds, "cu_seq_lens_k": bounds,
                     "max_length_q": max(lengths), "max_length_k": max(lengths)}
 
 
-def _sequences(pairs, indices):
+def sequences_of(pairs, indices):
     """The chosen of each pair, then the rejected, as token ids; and each one's prompt length."""
     sequences = [pairs[i]["prompt"] + pairs[i][side] for side in ("chosen", "rejected") for i in indices]
     prompts = [len(pairs[i]["prompt"]) for _ in ("chosen", "rejected") for i in indices]
     return sequences, prompts
 
 
-def _layout(indices, sequences, prompts, rows, device, mask):
+def layout(indices, sequences, prompts, rows, device, mask):
     """The tensors of the pairs `indices`, whose `sequences` are laid out in `rows` (lists of sequence numbers).
 
     Positionally, with no pad id involved: `targets` are the (row, column) positions whose next token is a
-    completion token, `labels` those tokens, `sequence` which sequence each belongs to, `pairs` the pair
-    indices (for their reference log-probs), `tokens` the real (unpadded) token count. With `mask` an
+    completion token, `labels` those tokens, `sequence_of_target` which sequence each belongs to,
+    `num_sequences` how many there are, `pair_indices` the pairs (for their reference log-probs), `tokens`
+    the real (unpadded) token count. With `mask` an
     attention mask covers each row's tokens; without, position ids restart at 0 for each sequence, and a
     row's padding follows as one more sequence of its own.
     """
@@ -92,10 +126,10 @@ def _layout(indices, sequences, prompts, rows, device, mask):
         attention_mask[r, :start] = 1
     targets = (torch.tensor(target_rows), torch.tensor(target_cols))
     batch = {"input_ids": input_ids, "labels": input_ids[targets[0], targets[1] + 1],
-             "sequence": torch.tensor(sequence), "pairs": torch.tensor(indices)}
+             "sequence_of_target": torch.tensor(sequence), "pair_indices": torch.tensor(indices)}
     batch |= {"attention_mask": attention_mask} if mask else {"position_ids": position_ids}
     batch = {k: _to(v, device) for k, v in batch.items()}
-    return batch | {"targets": tuple(_to(t, device) for t in targets), "sequences": len(sequences),
+    return batch | {"targets": tuple(_to(t, device) for t in targets), "num_sequences": len(sequences),
                     "tokens": sum(lengths)}
 
 
@@ -155,77 +189,3 @@ def pack_rows(lengths, break_even):
         if cost < best_cost:
             best_cost, best_rows = cost, [row for row in rows if row]
     return best_rows
-
-
-# ----------------------------------------------------------------------------- the decision
-
-# How far packed log-probs may sit from one sequence per row, per token, in each compute dtype: bf16 rounding
-# alone reached 0.01 on SmolLM2, where float32 stays under 1e-6. A sequence whose log-prob moves at all when
-# the one before it in the row changes (beyond 1e-6 per token, in either dtype) means the sequences mix.
-PACKING_TOL = {"fp32": 1e-5, "bf16": 5e-2}
-
-
-def choose_collate(model, pairs, indices, packing, device, dtype):
-    """The collate for `model` under --packing auto|on|off, and what to print about it; both measured on the
-    micro-batch `indices`, no grad, in the training's compute dtype (FSDP's bf16 mixed precision allows no
-    other), the same batch on every process: first whether the fused LM head reproduces the model's logits
-    (logprobs.check_fused_head, on the first pair's first 32 completion tokens a side: the model's own logits
-    exist whole there), then the layout (packed_or_padded)."""
-    kind = unwrap(model).config.model_type
-    first = pairs[indices[0]]
-    probe = {"prompt": first["prompt"], "chosen": first["chosen"][:32], "rejected": first["rejected"][:32]}
-    head_gap = check_fused_head(model, padded([probe], [0], device), dtype)  # whole logits at 64 targets at most
-    head = (f"LM head fused with the log-softmax (within {head_gap:.1g} nats of the model's logits on every token)"
-            if unwrap(model) not in WHOLE_HEAD else
-            f"LM head whole at targets: the fused head is up to {head_gap:.1g} nats from {kind}'s logits on a token")
-    layout, how = packed_or_padded(model, pairs, indices, packing, device, dtype)
-    return layout, f"{how}; {head}"
-
-
-def packed_or_padded(model, pairs, indices, packing, device, dtype):
-    """choose_collate's layout, and what to say of it.
-
-    Packing is exact only when nothing carries from one sequence to the next in a row: attention masked per
-    sequence by transformers, and no convolution or recurrent state across the row (gated-delta-net and
-    Mamba-1/2 layers carry it; OPT ignores packed position ids in its mask). Rather than keep a list of
-    families, it is measured: all the micro-batch's sequences packed in one row against one sequence per row,
-    and that row against the same row with its first sequence's tokens reversed, which the sequences after
-    it must not notice. Flash attention takes one row (varlen kernels, linear in its length); under SDPA,
-    whose work is quadratic in a row's width, pack_rows weighs that against padding (attention_break_even).
-    """
-    kind = unwrap(model).config.model_type
-    if packing == "off":
-        return padded, "one padded sequence per row (--packing off)"
-    gaps = packing_gaps(model, pairs, indices, device, dtype)
-    measured = (f"{gaps[0]:.1g} nats per token from one sequence per row, {gaps[1]:.1g} when the sequence "
-                "before changes")
-    if not (gaps[0] <= PACKING_TOL[dtype] and gaps[1] <= 1e-6):
-        if packing == "on":
-            sys.exit(f"error: --packing on: packed sequences mix on {kind} ({measured}); use --packing auto or off")
-        return padded, f"one padded sequence per row: packed sequences mix on {kind} ({measured})"
-    if "flash" in (unwrap(model).config._attn_implementation or ""):
-        return one_row, f"packed, one row per micro-batch: exact on {kind} ({measured})"
-    break_even = attention_break_even(model)
-    return (functools.partial(packed, break_even=break_even),
-            f"packed, rows sized against masked attention, break-even {break_even:.0f} tokens: exact on {kind} "
-            f"({measured})")
-
-
-def packing_gaps(model, pairs, indices, device, dtype):
-    """[packed against padded, packed against packed after its first sequence changed]: the largest
-    log-prob differences per token, over every process."""
-    alone = padded(pairs, indices, device)
-    sequences, prompts = _sequences(pairs, indices)
-    packed_row = _layout(indices, sequences, prompts, [list(range(len(sequences)))], device, mask=False)
-    first = len(sequences[0])  # where the second sequence starts
-    changed = dict(packed_row, input_ids=packed_row["input_ids"].clone())
-    changed["input_ids"][0, :first] = changed["input_ids"][0, :first].flip(0)
-    changed["labels"] = changed["input_ids"][packed_row["targets"][0], packed_row["targets"][1] + 1]
-    with measuring(model, device, dtype):
-        alone_logps, packed_logps, changed_logps = (sequence_logps(model, b) for b in (alone, packed_row, changed))
-    tokens = torch.bincount(alone["sequence"])
-    later = torch.ones_like(tokens, dtype=torch.bool)
-    later[packed_row["sequence"][packed_row["targets"][1] < first]] = False
-    gaps = torch.stack([((packed_logps - alone_logps).abs() / tokens).max(),
-                        ((changed_logps - packed_logps).abs() / tokens)[later].max()])
-    return max_over_processes(gaps)

@@ -1,10 +1,10 @@
 """Measure the training path against its targets, side by side in one run, and print a table.
 
-    python bench.py              # SmolLM2-135M-Instruct on the bundled CLAIR data (about 10 minutes on 2 CPU cores)
-    python bench.py --peer trl   # also TRL's DPOTrainer on the same pairs, rows 8 (pip install trl)
-    python bench.py --tiny       # a tiny random Llama instead: the whole table in about two minutes
-    python bench.py --rows 5,9   # only those rows
-    python bench.py --gpu        # on CUDA: tokens/s, MFU and peak memory for SmolLM2-135M and a 1.1B Llama, bf16
+    python -m benchmarks.bench  # SmolLM2-135M-Instruct on the bundled CLAIR data (about 10 minutes on 2 CPU cores)
+    python -m benchmarks.bench --peer trl  # also TRL's DPOTrainer on the same pairs, rows 8 (pip install trl)
+    python -m benchmarks.bench --tiny  # a tiny random Llama instead: the whole table in about two minutes
+    python -m benchmarks.bench --rows 5,9  # only those rows
+    python -m benchmarks.bench --gpu  # on CUDA: tokens/s, MFU and peak memory for SmolLM2-135M and a 1.1B Llama, bf16
 
 Rows: (1) train.py's full training step against a bare padded forward+backward of the same pairs;
 (2) padding efficiency of train.py's batches; (3) reference precompute against training throughput, and
@@ -20,10 +20,12 @@ Memory rows run in child processes (peak RSS on CPU, peak allocated on CUDA) so 
 
 import argparse
 import collections
+import dataclasses
 import functools
 import importlib.util
 import json
 import math
+import os
 import random
 import signal
 import subprocess
@@ -37,14 +39,16 @@ import torch
 
 import preference_data
 import train
-from batching import choose_collate, model_shape, packed, padded, train_batches
-from language_model import (DEFAULT_MODEL, autocast, default_dtype, disable_dropout, enable_checkpointing, load_model,
-                            tokenize_pairs)
-from logprobs import WHOLE_HEAD, pairs_logps, sequence_logps
-from reference_cache import reference_logps, weights_fingerprint
-from testbed import ChatServer, make_tiny_model
+from benchmarks.testbed import ChatServer, make_tiny_model
+from clair_apo.batching import Step, model_shape, packed, padded, train_batches
+from clair_apo.chat_tokens import tokenize_pairs
+from clair_apo.fused_head import fused_sequence_logps
+from clair_apo.logprobs import LogprobPass, pairs_logps, sequence_logps
+from clair_apo.models import DEFAULT_MODEL, autocast, default_dtype, disable_dropout, enable_checkpointing, load_model
+from clair_apo.packing import choose_batching
+from clair_apo.reference_cache import reference_logps, weights_fingerprint
 
-HERE = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]
 ROWS = []
 
 
@@ -62,12 +66,12 @@ def setup(args, device):
     """Model, tokenised bundled pairs, optimizer, and the first optimizer step's micro-batches."""
     tokenizer, model = load_model(model_path(args), device)
     disable_dropout(model)
-    rows, _ = preference_data.load_pairs(HERE / "data" / "clair_train.jsonl")
+    rows, _ = preference_data.load_pairs(ROOT / "data" / "clair_train.jsonl")
     pairs, _ = tokenize_pairs(tokenizer, rows, 512, 192)
     optimizer, _ = train.make_optimizer(model, train_args(default_dtype(device)), total_steps=1)
     batches = train_batches(len(pairs), args.batch_size, 0, 0)
-    collate, _ = choose_collate(model, pairs, batches[0], "auto", device, default_dtype(device))
-    return tokenizer, model, pairs, optimizer, batches, collate
+    batching = choose_batching(model, pairs, batches[0], "auto", device, default_dtype(device))
+    return tokenizer, model, pairs, optimizer, batches, batching
 
 
 def lm_batch(pairs, indices, pad_id, device):
@@ -81,12 +85,12 @@ def lm_batch(pairs, indices, pad_id, device):
     return ids.to(device), mask.to(device), ids.masked_fill(mask == 0, -100).to(device)
 
 
-def initial_logps(model, pairs, indices, device, dtype, collate):
+def initial_logps(model, pairs, indices, device, dtype, batching):
     """[len(pairs), 2] reference log-probs as train.py caches them, the initial model's own, at `indices`, on
     the device: rewards start at 0. Zeros would put them near -70 and fill the backward with denormal floats,
     which slow a CPU tenfold."""
     ref = torch.zeros(len(pairs), 2, dtype=torch.float64)
-    ref[indices] = pairs_logps(model, [pairs[i] for i in indices], collate, 4, device, dtype)
+    ref[indices] = pairs_logps(model, [pairs[i] for i in indices], LogprobPass(batching, 4, device, dtype))
     return ref.to(device)
 
 
@@ -96,11 +100,10 @@ def train_args(dtype):
     return train.parse_args(["--dtype", dtype])
 
 
-def train_step(model, optimizer, pairs, ref, micro_batches, collate, dtype):
+def train_step(model, optimizer, pairs, ref, micro_batches, batching, dtype):
     """train.py's train_step with its default loss, beta and clipping."""
-    return train.train_step(model, optimizer, micro_batches, pairs_in_step=sum(map(len, micro_batches)),
-                            micro_batch=lambda indices: collate(pairs, indices, ref.device), ref=ref,
-                            args=train_args(dtype))
+    step = Step(epoch=0, micro_batches=micro_batches, pairs_in_step=sum(map(len, micro_batches)))
+    return train.train_step(model, optimizer, step, batching=batching, pairs=pairs, ref=ref, args=train_args(dtype))
 
 
 def synchronize():
@@ -119,14 +122,14 @@ def timed(fn, repeats):
 
 
 def bench_training(args, device):
-    tokenizer, model, pairs, optimizer, batches, collate = setup(args, device)
+    tokenizer, model, pairs, optimizer, batches, batching = setup(args, device)
     dtype = default_dtype(device)
     step = batches[:args.grad_accum]
-    ref = initial_logps(model, pairs, sorted(i for b in step for i in b), device, dtype, collate)
+    ref = initial_logps(model, pairs, sorted(i for b in step for i in b), device, dtype, batching)
     log = open(Path(tempfile.mkdtemp()) / "metrics.jsonl", "w")
 
     def full_step():  # exactly what train.py's loop does per step, logging included
-        metrics = train_step(model, optimizer, pairs, ref, step, collate, dtype)
+        metrics = train_step(model, optimizer, pairs, ref, step, batching, dtype)
         log.write(json.dumps(metrics) + "\n")
         log.flush()
 
@@ -146,8 +149,8 @@ def bench_training(args, device):
     for name, data in (("bundled CLAIR pairs", pairs), ("random pairs <= 512 tokens", random_pairs(256))):
         for pairs_per_batch in (args.batch_size, 16):
             epoch = train_batches(len(data), pairs_per_batch, 0, 0)
-            real = sum(collate(data, b, "cpu")["tokens"] for b in epoch)
-            processed = sum(collate(data, b, "cpu")["input_ids"].numel() for b in epoch)
+            real = sum(batching.collate(data, b, "cpu")["tokens"] for b in epoch)
+            processed = sum(batching.collate(data, b, "cpu")["input_ids"].numel() for b in epoch)
             right_padded = sum(padded(data, b, "cpu")["input_ids"].numel() for b in epoch)
             row(f"2. padding efficiency, real / processed tokens: {name}, {pairs_per_batch} pairs per micro-batch",
                 f"{real / processed:.3f} (one padded sequence per row would give {real / right_padded:.3f})",
@@ -156,15 +159,16 @@ def bench_training(args, device):
     train_tps = sum(padded(pairs, b, "cpu")["tokens"] for b in step) / t_full
     subset = pairs[:args.precompute_pairs]
     start = time.perf_counter()
-    pairs_logps(model, subset, collate, 2 * args.batch_size, device, dtype)
+    how = LogprobPass(batching, batch_size=2 * args.batch_size, device=device, dtype=dtype)
+    pairs_logps(model, subset, how)
     elapsed = time.perf_counter() - start
     precompute_tps = sum(2 * len(p["prompt"]) + len(p["chosen"]) + len(p["rejected"]) for p in subset) / elapsed
     row("3. reference precompute / training throughput", f"{precompute_tps:.0f} / {train_tps:.0f} tokens/s = "
         f"{precompute_tps / train_tps:.1f}x", ">= 2.5x", precompute_tps / train_tps >= 2.5)
     with tempfile.TemporaryDirectory() as cache:
         def cached_reference():
-            return reference_logps(model, subset, fingerprint=weights_fingerprint(model, dtype), folder=Path(cache),
-                                   collate=collate, batch_size=2 * args.batch_size, device=device, dtype=dtype)
+            path = Path(cache) / f"{weights_fingerprint(model, dtype)}.pt"
+            return reference_logps(model, subset, how, path)
         cached_reference()
         start = time.perf_counter()  # a second run: fingerprint the weights, key the pairs, read the cache
         cached_reference()
@@ -219,18 +223,18 @@ def child(args, mode):
         return trl_child(args)
     device = torch.device(args.device)
     libraries = resident_memory(device)
-    tokenizer, model, pairs, optimizer, batches, collate = setup(args, device)
+    tokenizer, model, pairs, optimizer, batches, batching = setup(args, device)
     dtype = default_dtype(device)
     if args.checkpointing != "none":
         enable_checkpointing(model, args.checkpointing)
     if args.head == "whole":
-        WHOLE_HEAD.add(model)
+        batching = dataclasses.replace(batching, sequence_logps=sequence_logps)
     model.train()
     if mode == "scale":  # one micro-batch: a warm-up step, then --repeats timed ones
         pairs = random_pairs(args.batch_size, model.config.vocab_size)
         step = [list(range(len(pairs)))]
-        ref = initial_logps(model, pairs, step[0], device, dtype, collate)
-        seconds = timed(lambda: train_step(model, optimizer, pairs, ref, step, collate, dtype), args.repeats)
+        ref = initial_logps(model, pairs, step[0], device, dtype, batching)
+        seconds = timed(lambda: train_step(model, optimizer, pairs, ref, step, batching, dtype), args.repeats)
         return f"{pair_tokens(pairs)} {pair_tokens(pairs) / seconds} {peak_memory(device)} {floor_memory(libraries, model)}"
     reference = None
     if mode == "live":
@@ -248,8 +252,8 @@ def child(args, mode):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             continue
-        ref = initial_logps(model if reference is None else reference, pairs, indices, device, dtype, collate)
-        train_step(model, optimizer, pairs, ref, [indices], collate, dtype)
+        ref = initial_logps(model if reference is None else reference, pairs, indices, device, dtype, batching)
+        train_step(model, optimizer, pairs, ref, [indices], batching, dtype)
     return peak_memory(device)
 
 
@@ -304,11 +308,11 @@ def trl_child(args):
 
 def in_child(args, mode, batch_size, checkpointing="none", head="fused", model=None):
     """The numbers child(args, mode) prints, from a fresh process, on --model or `model` (a path)."""
-    command = [sys.executable, __file__, "--child", mode, "--model", model or args.model, "--device", args.device,
+    command = [sys.executable, "-m", "benchmarks.bench", "--child", mode, "--model", model or args.model, "--device", args.device,
                "--batch-size", str(batch_size), "--checkpointing", checkpointing, "--head", head,
                "--repeats", str(args.repeats)]
     command += ["--tiny"] if args.tiny and model is None else []
-    result = subprocess.run(command, capture_output=True, text=True)
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     if result.returncode == -signal.SIGKILL:
         return None  # the kernel's out-of-memory killer: the step did not fit in this machine's memory
     result.check_returncode()
@@ -394,7 +398,7 @@ def bench_vocabulary(args):
 
 def bench_saved(args, device):
     """Row 10: what a training forward keeps for the backward, per token, by the kind of module that keeps it,
-    without checkpointing: one forward through sequence_logps of a pair of random tokens, 1,026 in one row,
+    without checkpointing: one forward through train.py's fused head of a pair of random tokens, 1,026 in one row,
     every tensor saved for the backward counted once, by storage, parameters left out."""
     tokenizer, model = load_model(model_path(args), device)
     disable_dropout(model)
@@ -421,7 +425,7 @@ def bench_saved(args, device):
     pair = {"prompt": ids[:1], "chosen": ids[1:], "rejected": ids[1:2]}  # 1,026 tokens, packed in one row
     batch = packed([pair], [0], device, break_even=math.inf)
     with torch.autograd.graph.saved_tensors_hooks(count, lambda tensor: tensor):
-        sequence_logps(model, batch)
+        fused_sequence_logps(model, batch)
     per_token = {kind: n / batch["tokens"] / 2 ** 10 for kind, n in saved.most_common()}  # KiB
     row("10. kept for the backward per token, float32, no checkpointing",
         f"{sum(per_token.values()) / 2 ** 10:.2f} MiB: "
@@ -470,7 +474,7 @@ def bench_clair():
     for name, group in (("minimal revisions", pairs), ("unrelated texts", unrelated)):
         start = time.perf_counter()
         for a, b in group:
-            clair.levenshtein(a, b)
+            clair.levenshtein_bit_parallel(a, b)
         row(f"5. Levenshtein, 3,000-character {name}", f"{len(group) / (time.perf_counter() - start):.0f} pairs/s")
 
 
@@ -499,17 +503,17 @@ def gpu_row(label, model, card, rng, args, device):
     pairs = [{"prompt": seq(128), "chosen": seq(896), "rejected": seq(896)} for _ in range(args.batch_size)]
     optimizer, _ = train.make_optimizer(model, train_args("bf16"), total_steps=1)
     step = [list(range(len(pairs)))]
-    collate, how = choose_collate(model, pairs, step[0], "auto", device, "bf16")
+    batching = choose_batching(model, pairs, step[0], "auto", device, "bf16")
     model.train()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    ref = initial_logps(model, pairs, step[0], device, "bf16", collate)
-    seconds = timed(lambda: train_step(model, optimizer, pairs, ref, step, collate, "bf16"), args.repeats)
+    ref = initial_logps(model, pairs, step[0], device, "bf16", batching)
+    seconds = timed(lambda: train_step(model, optimizer, pairs, ref, step, batching, "bf16"), args.repeats)
     tokens = 2 * len(pairs) * 1024
     peak_flops = next((flops for name, flops in DENSE_BF16_FLOPS if name in card), None)
     mfu = f", MFU {step_flops(model, pairs) / seconds / peak_flops:.1%}" if peak_flops else ""
     memory = f", peak {torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GiB" if device.type == "cuda" else ""
-    row(f"6. {label} on {card}, bf16, {2 * len(pairs)} x 1,024 tokens, {how.split(':')[0]}",
+    row(f"6. {label} on {card}, bf16, {2 * len(pairs)} x 1,024 tokens, {batching.description.split(',')[0]}",
         f"{tokens / seconds:.0f} tokens/s{mfu}{memory}")
 
 

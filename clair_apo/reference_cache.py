@@ -15,9 +15,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from distributed import barrier, broadcast_object, log0, rank
-from language_model import CACHE_DIR
-from logprobs import pairs_logps
+from clair_apo.distributed import barrier, broadcast_object, log0, rank
+from clair_apo.logprobs import pairs_logps
+from clair_apo.models import CACHE_DIR
 
 try:
     import fcntl
@@ -51,7 +51,7 @@ def weights_fingerprint(model, mode):
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()  # Linux, else all
     with ThreadPoolExecutor(cores) as pool:
         digests = pool.map(digest, chunks)
-    how = [mode, "float64 sums", model.config._attn_implementation, config]  # float32 sums had other values
+    how = [mode, "float64 sums", model.config._attn_implementation, config]  # summed in float64 (logprobs.py)
     h = hashlib.blake2b(json.dumps(how, sort_keys=True, default=str).encode(), digest_size=8)
     for (name, _, _), chunk_digest in zip(chunks, digests):
         h.update(name.encode() + chunk_digest)
@@ -86,14 +86,18 @@ def add_to_cache(path, entries):
         tmp.replace(path)
 
 
-def reference_logps(model, pairs, fingerprint, folder, collate, batch_size, device, dtype, desc="reference"):
-    """[len(pairs), 2] log pi_ref(chosen), log pi_ref(rejected), float64: from `folder`'s cache file for
-    `fingerprint`, else computed with pairs_logps and added to it.
+def cache_file(fingerprint):
+    """The cache file of the model with this fingerprint, in FOLDER."""
+    return FOLDER / f"{fingerprint}.pt"
+
+
+def reference_logps(model, pairs, how, path, desc="reference"):
+    """[len(pairs), 2] log pi_ref(chosen), log pi_ref(rejected), float64: from the cache file `path`, else
+    computed by pairs_logps as `how` (a LogprobPass) says, and added to it.
 
     Rank 0 alone reads and writes the cache and broadcasts what it found, so every process computes the
     same missing pairs, whatever its own disk holds.
     """
-    path = folder / f"{fingerprint}.pt"
     keys = [pair_key(p) for p in pairs]
     cache = read_cache(path) if rank() == 0 else {}
     cache = broadcast_object({k: cache[k] for k in keys if k in cache})
@@ -101,7 +105,7 @@ def reference_logps(model, pairs, fingerprint, folder, collate, batch_size, devi
     if missing:
         todo = [pairs[i] for i in missing]
         start = time.time()
-        logps = pairs_logps(model, todo, collate, batch_size, device, dtype)
+        logps = pairs_logps(model, todo, how)
         computed = dict(zip([keys[i] for i in missing], logps.tolist()))
         cache.update(computed)
         tokens = sum(2 * len(p["prompt"]) + len(p["chosen"]) + len(p["rejected"]) for p in todo)

@@ -1,8 +1,8 @@
 """Peak host memory of each train.py process: one process against two under torchrun, DDP and FSDP, fresh and resumed.
 
-    python bench_scale.py           # a random 231M Llama (hidden 1024, 16 layers, tied embeddings), float32
-    python bench_scale.py --tiny    # the same table on the tiny test Llama, in about a minute
-    python bench_scale.py --untied  # the 231M Llama with an LM head of its own (281M parameters)
+    python -m benchmarks.bench_scale           # a random 231M Llama (hidden 1024, 16 layers, tied embeddings), float32
+    python -m benchmarks.bench_scale --tiny    # the same table on the tiny test Llama, in about a minute
+    python -m benchmarks.bench_scale --untied  # the 231M Llama with an LM head of its own (281M parameters)
 
 Each run is train.py itself (train.main), two optimizer steps of one short pair per process with a
 checkpoint after each, then the same run resumed from its first checkpoint. Inside every process
@@ -24,7 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]
 PHASES = ["start-up", "step", "save", "resume"]
 SIZE_231M = dict(vocab_size=49152, hidden_size=1024, intermediate_size=2816, num_hidden_layers=16,
                  num_attention_heads=16, num_key_value_heads=4, head_dim=64, tie_word_embeddings=True)
@@ -68,7 +68,8 @@ def child(report, argv):
 def run(mode, train_args, folder, resume):
     """One train.py run in `mode` (one, ddp, fsdp): a list of {phase: peak bytes}, one per process."""
     report = folder / f"{mode}-{'resume' if resume else 'fresh'}"
-    command = [sys.executable, __file__, "--child", str(report), "--", *train_args, "--out", str(folder / mode)]
+    command = [sys.executable, "-m", "benchmarks.bench_scale", "--child", str(report), "--", *train_args,
+               "--out", str(folder / mode)]
     if mode != "one":
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -81,7 +82,7 @@ def run(mode, train_args, folder, resume):
     # A fixed mmap threshold: glibc then returns every freed buffer over 64 KiB to the system at once, so
     # that resident memory follows the live tensors rather than what its heaps happen to retain.
     env = {**os.environ, "CLAIR_APO_CACHE": str(folder / "cache"), "OMP_NUM_THREADS": "1",
-           "MALLOC_MMAP_THRESHOLD_": "65536"}
+           "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONPATH": str(ROOT)}
     result = subprocess.run(command, env=env, cwd=folder, capture_output=True, text=True)
     if result.returncode:
         sys.exit(f"{mode} failed:\n{result.stderr[-5000:]}")
@@ -99,7 +100,7 @@ def main():
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from testbed import arithmetic_pairs, make_tiny_model, write_jsonl
+    from benchmarks.testbed import arithmetic_pairs, make_tiny_model, write_jsonl
 
     folder = Path(tempfile.mkdtemp(prefix="bench_scale-"))
     model = make_tiny_model(folder / "model", **({} if args.tiny else SIZE_231M | {"tie_word_embeddings": not args.untied}))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-HERE = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("flags, rows", [([], ["1.", "2.", "3.", "4.", "5.", "7.", "9.", "10."]), (["--gpu"], ["6."]),
@@ -16,8 +16,8 @@ HERE = Path(__file__).resolve().parent
 def test_bench_prints_its_table(tmp_path, flags, rows):
     if "--peer" in flags and importlib.util.find_spec("trl") is None:
         pytest.skip("--peer trl needs TRL (pip install trl)")
-    env = {**os.environ, "CLAIR_APO_CACHE": str(tmp_path / "cache")}
-    result = subprocess.run([sys.executable, str(HERE / "bench.py"), "--tiny", *flags], capture_output=True,
+    env = {**os.environ, "CLAIR_APO_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-m", "benchmarks.bench", "--tiny", *flags], capture_output=True,
                             text=True, timeout=300, cwd=tmp_path, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     table = result.stdout.split("| measurement | value | target | met |", 1)[1].strip().splitlines()[1:]

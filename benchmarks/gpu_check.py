@@ -1,7 +1,7 @@
 """The CUDA path's checks on one GPU, printed as one markdown table: what no CPU test of this project can show.
 
-    python gpu_check.py             # one H100/H200, no network: 5 minutes estimated, not yet run on a GPU
-    python gpu_check.py --dry-run   # the same checks on a CPU at tiny sizes, CUDA-only rows skipped: about 2 minutes
+    python -m benchmarks.gpu_check             # one H100/H200, no network: 5 minutes estimated, not yet run on a GPU
+    python -m benchmarks.gpu_check --dry-run   # the same checks on a CPU at tiny sizes, CUDA-only rows skipped: about 2 minutes
 
 Rows: (1) log-probs in bf16 as float32 weights under autocast (one process, DDP) and as bf16 parameters (FSDP's
 mixed precision), each against float32 and against the other, padded and packed, under SDPA and flash
@@ -37,14 +37,16 @@ from pathlib import Path
 import torch
 
 import train
-from batching import PACKING_TOL, attention_break_even, choose_collate, one_row, packed, packing_gaps, padded
-from language_model import DEFAULT_MODEL, MAX_LENGTH, MAX_PROMPT_LENGTH, autocast, disable_dropout, load_model
-from language_model import tokenize_pairs
-from logprobs import pairs_logps, sequence_logps
+from benchmarks.testbed import arithmetic_pairs, make_tiny_model, write_jsonl
+from clair_apo.batching import Step, attention_break_even, one_row, packed, padded
+from clair_apo.chat_tokens import tokenize_pairs
+from clair_apo.fused_head import fused_sequence_logps
+from clair_apo.logprobs import LogprobPass, pairs_logps
+from clair_apo.models import DEFAULT_MODEL, MAX_LENGTH, MAX_PROMPT_LENGTH, autocast, disable_dropout, load_model
+from clair_apo.packing import PACKING_TOL, choose_batching, packing_gaps
 from preference_data import BUNDLED_TRAIN, load_pairs
-from testbed import arithmetic_pairs, make_tiny_model, write_jsonl
 
-HERE = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]
 ATTENTION = ("sdpa", "flash_attention_2")
 BITWISE_TOL = 1e-6  # nats per token: batching's threshold for a sequence that notices its neighbour in a row
 RESUME_TOL = 1e-2  # |resumed - uninterrupted| / max(1, |uninterrupted|), per metric
@@ -103,7 +105,7 @@ def with_bf16_parameters(model):
 
 
 def packed_layout(model):
-    """The packed collate train.py takes on `model` (batching.choose_collate): one row under flash attention,
+    """The packed collate train.py takes on `model` (packing.choose_batching): one row under flash attention,
     rows sized against masked attention under SDPA."""
     if "flash" in model.config._attn_implementation:
         return one_row
@@ -111,10 +113,11 @@ def packed_layout(model):
 
 
 def logps_and_tokens(model, batch, device, dtype):
-    """sequence_logps of `batch` in `dtype` (bf16: under autocast), no grad; and each sequence's completion tokens."""
+    """train.py's log-probs of `batch` in `dtype` (bf16: under autocast), no grad; and each sequence's completion
+    tokens."""
     with torch.no_grad(), autocast(device, dtype):
-        logps = sequence_logps(model, batch)
-    return logps, torch.bincount(batch["sequence"], minlength=batch["sequences"])
+        logps = fused_sequence_logps(model, batch)
+    return logps, torch.bincount(batch["sequence_of_target"], minlength=batch["num_sequences"])
 
 
 def largest_gaps(a, b, tokens):
@@ -134,7 +137,7 @@ def gap_row(check, a, b, tokens):
 def compute_mode_rows(name, modes, exact, pairs, device):
     """Check 1: in each layout, each of the two bf16 `modes` against float32 log-probs (`exact`: an SDPA model,
     padded), and the modes against each other; then in each mode, packed against padded as
-    batching.choose_collate measures it."""
+    packing.choose_batching measures it."""
     indices = list(range(len(pairs)))
     fp32, tokens = logps_and_tokens(exact, padded(pairs, indices, device), device, dtype="fp32")
     (first_name, first), (second_name, second) = modes.items()
@@ -146,7 +149,7 @@ def compute_mode_rows(name, modes, exact, pairs, device):
                  gap_row(f"1. {second_name} vs fp32, {name}, {layout_name}", b, fp32, tokens),
                  gap_row(f"1. {first_name} vs {second_name}, {name}, {layout_name}", a, b, tokens)]
     for mode_name, model in modes.items():
-        against_padded, after_change = packing_gaps(model, pairs, indices, device, dtype="bf16").tolist()
+        against_padded, after_change = packing_gaps(model, pairs, indices, fused_sequence_logps, device, dtype="bf16").tolist()
         rows.append(Row(f"1. packed vs padded (batching.packing_gaps), {name}, {mode_name}",
                         f"{against_padded:.2g} nats/token; {after_change:.2g} when the sequence before changes",
                         f"<= {PACKING_TOL['bf16']:g}; <= {BITWISE_TOL:g}",
@@ -233,16 +236,16 @@ def sync_rows(tiny, device):
     tokenizer, model = load_model(tiny, device)
     disable_dropout(model)
     pairs = clair_pairs(tokenizer, count=4)
-    collate, _ = choose_collate(model, pairs, [0, 1], "auto", device, dtype="bf16")
-    ref = pairs_logps(model, pairs, collate, batch_size=4, device=device, dtype="bf16").to(device)
+    batching = choose_batching(model, pairs, [0, 1], "auto", device, dtype="bf16")
+    ref = pairs_logps(model, pairs, LogprobPass(batching, batch_size=4, device=device, dtype="bf16")).to(device)
     args = train.parse_args(["--dtype", "bf16"])
     optimizer, _ = train.make_optimizer(model, args, total_steps=3)
     model.train()
 
     def syncs_in_step(micro_batches):
         with recorded_syncs(device) as caught:
-            train.train_step(model, optimizer, micro_batches, pairs_in_step=len(micro_batches),
-                             micro_batch=functools.partial(collate, pairs, device=device), ref=ref, args=args)
+            step = Step(epoch=0, micro_batches=micro_batches, pairs_in_step=len(micro_batches))
+            train.train_step(model, optimizer, step, batching=batching, pairs=pairs, ref=ref, args=args)
         return None if caught is None else sum("synchroniz" in str(w.message) for w in caught)
 
     syncs_in_step([[0]])  # warm-up: the optimizer's state and the kernels' first calls
@@ -261,7 +264,7 @@ def run_command(command, cache):
     this process's). Past COMMAND_TIMEOUT its whole process group is killed, torchrun's workers with it, and the
     run comes back with exit status 124."""
     env = os.environ | ({"CLAIR_APO_CACHE": str(cache)} if cache else {})
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=HERE,
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
                           start_new_session=True) as process:
         try:
             stdout, stderr = process.communicate(timeout=COMMAND_TIMEOUT)
@@ -284,7 +287,7 @@ def failure(result):
 
 def train_rows(training, work):
     """Check 4: train.py for 3 optimizer steps in the device's default dtype."""
-    result = run_command([sys.executable, str(HERE / "train.py"), *training, "--max-steps", "3",
+    result = run_command([sys.executable, str(ROOT / "train.py"), *training, "--max-steps", "3",
                           "--out", str(work / "train")], cache=work / "cache")
     done = result.returncode == 0 and "done: 3 steps" in result.stdout
     return [Row("4. python train.py --max-steps 3", "done: 3 steps" if done else failure(result),
@@ -305,7 +308,7 @@ def resume_rows(check, training, out, cache, attention_flags):
     """Checks 5 and 6: FSDP in bf16 with gradient checkpointing for 2 steps, saving after each; then `final`
     deleted, as a run killed after step 1 leaves it, and the run resumed: its metrics against the uninterrupted's."""
     def launch(*extra):
-        return run_command([*TORCHRUN, str(HERE / "train.py"), *training, "--fsdp", "--gradient-checkpointing",
+        return run_command([*TORCHRUN, str(ROOT / "train.py"), *training, "--fsdp", "--gradient-checkpointing",
                             "--dtype", "bf16", "--save-every", "1", "--max-steps", "2", *attention_flags,
                             "--out", str(out), *extra], cache=cache)
 
@@ -329,7 +332,7 @@ def read_metrics(out):
 def bench_rows(sizes):
     """Check 7: bench.py's GPU rows (tokens/s, MFU, peak memory), copied from its table."""
     command = " ".join(["bench.py", *sizes.bench_flags])
-    result = run_command([sys.executable, str(HERE / "bench.py"), *sizes.bench_flags], cache=None)
+    result = run_command([sys.executable, "-m", "benchmarks.bench", *sizes.bench_flags], cache=None)
     cells = [[cell.strip() for cell in line.strip().strip("|").split("|")]
              for line in result.stdout.splitlines() if line.startswith("| 6.")]
     if result.returncode or not cells:
@@ -404,7 +407,7 @@ def main(argv=None):
     p.add_argument("--dry-run", action="store_true", help="on this CPU at tiny sizes: every check but the CUDA calls")
     args = p.parse_args(argv)
     if not args.dry_run and not torch.cuda.is_available():
-        sys.exit("error: no CUDA device; python gpu_check.py --dry-run checks the script itself on a CPU")
+        sys.exit("error: no CUDA device; python -m benchmarks.gpu_check --dry-run checks the script itself on a CPU")
     sizes, device = (DRY, torch.device("cpu")) if args.dry_run else (REAL, torch.device("cuda"))
     print(header(device), flush=True)
     with tempfile.TemporaryDirectory() as work:

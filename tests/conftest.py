@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from testbed import make_tiny_model
+from benchmarks.testbed import make_tiny_model
 
-SHARED = Path(__file__).resolve().parent.parent / "shared"
+SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 
 @pytest.fixture(scope="session")
@@ -32,7 +32,7 @@ def padless_model(tmp_path_factory, tiny_model):
 @pytest.fixture
 def ref_cache(tmp_path, monkeypatch):
     """Point the reference-log-prob cache of train.py and evaluate.py at a fresh folder."""
-    import reference_cache
+    from clair_apo import reference_cache
 
     monkeypatch.setattr(reference_cache, "FOLDER", tmp_path / "ref_cache")
     return tmp_path / "ref_cache"

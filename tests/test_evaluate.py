@@ -9,9 +9,9 @@ import pytest
 
 import clair
 import evaluate
-import logprobs
 import train
-from testbed import ChatServer, arithmetic_pairs, write_jsonl
+from benchmarks.testbed import ChatServer, arithmetic_pairs, write_jsonl
+from clair_apo import metrics
 
 
 @pytest.fixture
@@ -39,7 +39,7 @@ def test_held_out_metrics_agree_with_train(trained, tiny_model, capsys, give_ref
     assert results["ref"] == tiny_model and results["pairs"]["pairs"] == 6
     last = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
     report = results["pairs"]["models"][str(run / "final")]
-    for name in logprobs.METRICS:
+    for name in metrics.METRICS:
         assert report[f"eval/{name}"] == pytest.approx(last[f"eval/{name}"], abs=1e-5), name
     chosen = report["chosen"]
     for side in ("chosen", "rejected"):
