@@ -143,7 +143,7 @@ def sample_locally(args, jobs, record):
     one would."""
     from tqdm import tqdm
 
-    from clair_apo.generation import generate
+    from clair_apo.generation import Decoding, generate
     from clair_apo.models import default_device, default_dtype, load_model
 
     skip = {row["id"] for row in written_rows(args.out)}
@@ -153,12 +153,12 @@ def sample_locally(args, jobs, record):
     top_p = 1.0 if args.top_p is None else args.top_p
     settings = {"model": args.model, "temperature": args.temperature, "top_p": top_p, "max_tokens": args.max_tokens,
                 "seed": args.seed or 0}
+    decoding = Decoding(args.max_tokens, args.temperature, top_p, dtype=default_dtype(model.device))
     with JsonlAppender(args.out) as out:
         for start in tqdm(range(0, len(todo), args.batch_size), desc="sample"):
             batch = todo[start:start + args.batch_size]
             seeds = [sample_seed(settings["seed"], job_id) for job_id, _ in batch]
-            answers, reasons, _ = generate(model, tokenizer, [row["prompt"] for _, (row, _) in batch], args.max_tokens,
-                                        args.temperature, top_p, seeds, dtype=default_dtype(model.device))
+            answers, reasons, _ = generate(model, tokenizer, [row["prompt"] for _, (row, _) in batch], decoding, seeds)
             for (job_id, (row, k)), answer, reason in zip(batch, answers, reasons):
                 out.write({"id": job_id, **record(row, k, answer, {**settings, "finish_reason": reason})})
     print(f"sample: {len(todo)} answers written to {args.out}, {len(skip)} already done")
@@ -405,11 +405,13 @@ class ChatClient:
     without valid JSON or choices are retried with exponential backoff and jitter, honouring Retry-After.
     Each retry is shown on stderr (one line per kind of failure per `notices` interval)."""
 
+    max_backoff = 60.0  # seconds: the longest wait between two tries, Retry-After aside
+
     def __init__(self, base_url, model, api_key_env="OPENAI_API_KEY", timeout=600.0, max_retries=8,
-                 max_backoff=60.0, url_option="--base-url"):
+                 url_option="--base-url"):
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model, self.api_key_env, self.url_option = model, api_key_env, url_option
-        self.timeout, self.max_retries, self.max_backoff = timeout, max_retries, max_backoff
+        self.timeout, self.max_retries = timeout, max_retries
         key = os.environ.get(api_key_env, "")
         self._headers = {"Authorization": f"Bearer {key}"} if key else {}
         self._local = threading.local()  # one requests.Session per thread

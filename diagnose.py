@@ -49,7 +49,7 @@ from clair_apo import reference_cache
 from clair_apo.chat_tokens import tokenize_pairs
 from clair_apo.checkpoints import read_state
 from clair_apo.distributed import unwrap
-from clair_apo.generation import generate
+from clair_apo.generation import Decoding, generate
 from clair_apo.logprobs import measuring, model_inputs, pairs_logps
 from clair_apo.models import (DEFAULT_MODEL, MAX_LENGTH, MAX_PROMPT_LENGTH, ModelError, default_device, default_dtype,
                               load_model, setting_error)
@@ -86,7 +86,7 @@ def parse_args(argv):
                        "answers (default: sampled here)")
     p.add_argument("--served-model", help="the model's name on --base-url (default: --model)")
     p.add_argument("--temperature", type=float, default=0.7, help="for fresh answers; 0: greedy")
-    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling of the fresh answers")
     p.add_argument("--seed", type=int, default=1, help="each fresh answer's seed comes from it and the pair's id, as in "
                    "`clair.py sample`; that command's seed with the same settings would redraw the rejected sides of "
                    "data it sampled")
@@ -267,9 +267,9 @@ def answers_sampled_here(model, tokenizer, rows, *, args):
     answers = []
     for start in tqdm(range(0, len(rows), args.batch_size), desc="fresh answers"):
         batch = rows[start:start + args.batch_size]
-        texts, _, _ = generate(model, tokenizer, [row["prompt"] for row in batch], args.max_new_tokens,
-                               args.temperature, args.top_p, [sample_seed(args.seed, row["id"]) for row in batch],
-                               dtype=args.dtype)
+        decoding = Decoding(args.max_new_tokens, args.temperature, args.top_p, dtype=args.dtype)
+        texts, _, _ = generate(model, tokenizer, [row["prompt"] for row in batch], decoding,
+                               seeds=[sample_seed(args.seed, row["id"]) for row in batch])
         answers += texts
     return answers
 
@@ -593,7 +593,7 @@ def displacement(argv):
                                 formatter_class=HelpFormatter)
     p.add_argument("runs", nargs="+", help="train.py --out folders")
     p.add_argument("--out", default="diagnose_ches.png", help="the scatter plot to write")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="pairs per forward")
     args = p.parse_args(argv)
     device = default_device()
     try:

@@ -28,7 +28,7 @@ from clair import ChatClient, FatalRequestError, HelpFormatter, RetriesExhausted
 from clair_apo import reference_cache
 from clair_apo.chat_tokens import tokenize_pairs
 from clair_apo.checkpoints import read_state
-from clair_apo.generation import generate
+from clair_apo.generation import Decoding, generate
 from clair_apo.logprobs import LogprobPass, pairs_logps
 from clair_apo.metrics import pair_metrics
 from clair_apo.models import (MAX_LENGTH, MAX_PROMPT_LENGTH, ModelError, default_device, default_dtype, load_model,
@@ -71,7 +71,7 @@ def parse_args(argv):
     p.add_argument("--dtype", choices=["fp32", "bf16"], help="default: the training one")
     p.add_argument("--attn-implementation", help="default: the training one")
     p.add_argument("--packing", choices=["auto", "on", "off"], default="auto", help="as in train.py")
-    p.add_argument("--max-new-tokens", type=int, default=160)
+    p.add_argument("--max-new-tokens", type=int, default=160, help="the answers' length limit")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy decoding, for both models")
     p.add_argument("--judge-url", help="OpenAI-compatible base URL of a judge LLM, ending in /v1; checked once "
                    "before the generations")
@@ -206,7 +206,7 @@ def generations(args, rows, device):
         texts, reasons = [], []
         for start in range(0, len(rows), args.batch_size):
             answered, why_stopped, _ = generate(model, tokenizer, [r["prompt"] for r in rows[start:start + args.batch_size]],
-                                             args.max_new_tokens, args.temperature, dtype=args.dtype)
+                                                Decoding(args.max_new_tokens, args.temperature, dtype=args.dtype))
             texts += answered
             reasons += why_stopped
         answers[path] = texts

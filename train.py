@@ -42,13 +42,25 @@ from preference_data import BUNDLED_EVAL, BUNDLED_TRAIN, DataError, load_pairs, 
 DEMO_STEPS = 12  # python train.py with no --data: a short demonstration on the bundled pairs
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_data_flags(p):
+    """The model, the pairs and their lengths."""
+    p = p.add_argument_group("data")
     p.add_argument("--model", default=DEFAULT_MODEL, help="local path or hub id; default: the embedded SmolLM2")
     p.add_argument("--data", default=None, help="train pairs: JSONL, .parquet or a Hub dataset id "
                    f"(default: the bundled demo, {BUNDLED_TRAIN.relative_to(BUNDLED_TRAIN.parents[1])})")
     p.add_argument("--eval-data", default=None, help="held-out pairs, as --data (default: bundled, or --eval-fraction)")
     p.add_argument("--eval-fraction", type=float, default=0.05, help="held out from --data without --eval-data")
+    p.add_argument("--max-length", type=int, default=MAX_LENGTH, help="prompt + completion tokens")
+    p.add_argument("--max-prompt-length", type=int, default=MAX_PROMPT_LENGTH,
+                   help="a longer prompt drops its pair (default: %(default)s)")
+    p.add_argument("--write-ref-logps", help="also write every train pair to this JSONL file in TRL's format, with "
+                   "its reference log-prob in TRL's ref_chosen_logps / ref_rejected_logps columns, for diagnose.py "
+                   "(TRL 1.16 computes these columns itself under precompute_ref_log_probs)")
+
+
+def add_training_flags(p):
+    """The loss, the optimizer and the step plan."""
+    p = p.add_argument_group("loss and optimizer")
     p.add_argument("--loss", choices=sorted(LOSSES), default="apo_zero",
                    help="apo_zero when chosen answers beat the model's own (CLAIR), apo_down when the model's "
                         "beat them; dpo to compare (default: apo_zero)")
@@ -67,9 +79,12 @@ def parse_args(argv=None):
                    f"{DEMO_STEPS} on the bundled demo data, otherwise every step of --epochs)")
     p.add_argument("--batch-size", type=int, default=2, help="pairs per micro-batch, per process")
     p.add_argument("--grad-accum", type=int, default=4, help="micro-batches per optimizer step")
-    p.add_argument("--max-length", type=int, default=MAX_LENGTH, help="prompt + completion tokens")
-    p.add_argument("--max-prompt-length", type=int, default=MAX_PROMPT_LENGTH,
-                   help="a longer prompt drops its pair (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="the data order, the eval split and torch's generators")
+
+
+def add_compute_flags(p):
+    """How the steps are computed: dtype, memory, attention, sharding."""
+    p = p.add_argument_group("compute")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="default: bf16 on CUDA, else fp32")
     p.add_argument("--gradient-checkpointing", nargs="?", choices=["none", "selective", "full"], default="none",
                    const="full", help="recompute activations in the backward: full (the flag alone) keeps each "
@@ -81,21 +96,28 @@ def parse_args(argv=None):
                    help="transformers' attention kernel, e.g. flash_attention_2 (needs --dtype bf16 and "
                         "pip install flash-attn; default: sdpa)")
     p.add_argument("--fsdp", action="store_true", help="shard parameters, gradients and optimizer state")
-    p.add_argument("--log-every", type=int, default=1, help="write train metrics every N steps (default: 1)")
-    p.add_argument("--eval-every", type=int, default=0, help="0: evaluate at step 0 and at the end only")
-    p.add_argument("--save-every", type=int, default=0, help="0: save only at the end")
     p.add_argument("--ref-check-tol", type=float, default=None,
                    help="step-0 check: max |policy - reference| summed log-prob per sqrt(completion tokens) "
                         "(default 1e-3 in fp32, 0.25 in bf16)")
+
+
+def add_output_flags(p):
+    """The run folder: metrics, evaluation, checkpoints."""
+    p = p.add_argument_group("output")
     p.add_argument("--out", default=None, help="the run's folder: metrics.jsonl, args.json, checkpoints "
                    "(default: runs/LOSS)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the latest checkpoint in --out; it reads the optimizer/ state, PyTorch "
                         "distributed-checkpoint files whose metadata is a pickle: resume only runs you made yourself")
-    p.add_argument("--seed", type=int, default=0, help="the data order, the eval split and torch's generators")
-    p.add_argument("--write-ref-logps", help="also write every train pair to this JSONL file in TRL's format, with "
-                   "its reference log-prob in TRL's ref_chosen_logps / ref_rejected_logps columns, for diagnose.py "
-                   "(TRL 1.16 computes these columns itself under precompute_ref_log_probs)")
+    p.add_argument("--log-every", type=int, default=1, help="write train metrics every N steps (default: 1)")
+    p.add_argument("--eval-every", type=int, default=0, help="0: evaluate at step 0 and at the end only")
+    p.add_argument("--save-every", type=int, default=0, help="0: save only at the end")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for add_flags in (add_data_flags, add_training_flags, add_compute_flags, add_output_flags):
+        add_flags(p)
     args = p.parse_args(argv)
     args.dtype = args.dtype or default_dtype(default_device())
     args.out = args.out or f"runs/{args.loss}"
@@ -193,23 +215,32 @@ def reference_gap(model, batch, ref, *, logps, dtype):
 
 # ----------------------------------------------------------------------------- one optimizer step
 
-def train_step(model, optimizer, step, *, batching, pairs, ref, args):
+@dataclass(frozen=True)
+class PairSet:
+    """Tokenised pairs and their reference log-probs: row i of `ref_logps`, [pairs, 2] float64, is pair i's
+    log pi_ref of (chosen, rejected), NaN where the run needs none."""
+    tokens: list
+    ref_logps: torch.Tensor
+
+
+def train_step(model, optimizer, step, *, data, batching, args):
     """One optimizer step over this process's micro-batches of `step`: its metrics.
 
-    `batching` collates a micro-batch of `pairs` (tokenised) and computes its log-probs; `ref` holds every
-    pair's reference log-probs, on the device. Chosen and rejected of a micro-batch share one forward. The
+    `batching` collates a micro-batch of `data` (a PairSet, its reference log-probs on the device) and
+    computes its log-probs. Chosen and rejected of a micro-batch share one forward. The
     loss is the mean over the step's pairs on all processes, so 1 x 4 and 4 x 1 micro-batches give the same
     update; DDP and FSDP average gradients over processes, hence the world_size(). Raises
     FloatingPointError, before the update, when the loss or the gradient is not finite.
     """
     loss_fn = LOSSES[args.loss]
-    totals = torch.zeros(len(METRICS), dtype=torch.float64, device=ref.device)
+    ref, device = data.ref_logps, data.ref_logps.device
+    totals = torch.zeros(len(METRICS), dtype=torch.float64, device=device)
     tokens, start = 0, time.time()
     ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
     for k, indices in enumerate(step.micro_batches):
-        batch = batching.collate(pairs, indices, ref.device)
+        batch = batching.collate(data.tokens, indices, device)
         sync = not ddp or k == len(step.micro_batches) - 1  # DDP: all-reduce gradients on the last one only
-        with (contextlib.nullcontext() if sync else model.no_sync()), autocast(ref.device, args.dtype):
+        with (contextlib.nullcontext() if sync else model.no_sync()), autocast(device, args.dtype):
             policy_chosen, policy_rejected = batching.sequence_logps(model, batch).view(2, -1)
             ref_chosen, ref_rejected = ref[batch["pair_indices"]].T
             losses = loss_fn(policy_chosen, policy_rejected, ref_chosen, ref_rejected, args.beta)
@@ -240,18 +271,16 @@ def clip_gradients(optimizer, max_norm):
 @dataclass
 class Run:
     """What the loop works on: the model and its optimizer, the train pairs with their reference log-probs
-    (on the device), the eval pairs with theirs (on the CPU), and the output folder's metrics log, evaluation
-    and checkpoints."""
+    (on the device), the held-out pairs with theirs (on the CPU), and the output folder's metrics log,
+    evaluation and checkpoints."""
     args: argparse.Namespace
     model: torch.nn.Module
     tokenizer: object
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     how: LogprobPass
-    train_pairs: list
-    ref_train: torch.Tensor
-    eval_pairs: list
-    ref_eval: torch.Tensor
+    train: PairSet
+    held_out: PairSet
     step: int = 0
 
     @property
@@ -265,8 +294,8 @@ class Run:
 
     def evaluate(self):
         """Held-out metrics against the eval pairs' reference log-probs, logged as eval/*."""
-        policy = pairs_logps(self.model, self.eval_pairs, self.how)
-        metrics = pair_metrics(policy, self.ref_eval, LOSSES[self.args.loss], self.args.beta)
+        policy = pairs_logps(self.model, self.held_out.tokens, self.how)
+        metrics = pair_metrics(policy, self.held_out.ref_logps, LOSSES[self.args.loss], self.args.beta)
         self.log({f"eval/{k}": v for k, v in metrics.items()})
         return metrics
 
@@ -324,7 +353,7 @@ def prepare_run(args, device):
         write_reference_logps([by_id[pair["id"]] for pair in train_pairs], ref_train.tolist(), args.write_ref_logps)
         log0(f"wrote {args.write_ref_logps}: {len(train_pairs)} train pairs with their reference log-probs")
     run = Run(args=args, model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler, how=how,
-              train_pairs=train_pairs, ref_train=ref_train, eval_pairs=eval_pairs, ref_eval=ref_eval)
+              train=PairSet(train_pairs, ref_train), held_out=PairSet(eval_pairs, ref_eval))
     run.start_or_resume(checkpoint)
     return run, steps
 
@@ -334,8 +363,8 @@ def step_zero(run, first):
     micro-batch `first`; raises StepZeroError when the policy does not reproduce the reference."""
     args, batching = run.args, run.how.batching
     run.evaluate()
-    batch = batching.collate(run.train_pairs, first, run.how.device)
-    gap = reference_gap(run.model, batch, run.ref_train[first], logps=batching.sequence_logps, dtype=args.dtype)
+    batch = batching.collate(run.train.tokens, first, run.how.device)
+    gap = reference_gap(run.model, batch, run.train.ref_logps[first], logps=batching.sequence_logps, dtype=args.dtype)
     run.log({"ref_check/max_abs_diff_per_sqrt_token": gap})
     tol = args.ref_check_tol or REF_CHECK_TOL[args.dtype]
     if not gap <= tol:  # NaN fails too
@@ -354,8 +383,7 @@ def train_loop(run, steps):
     while run.step < len(steps):
         step, lr = steps[run.step], run.scheduler.get_last_lr()[0]
         try:
-            metrics = train_step(run.model, run.optimizer, step, batching=run.how.batching, pairs=run.train_pairs,
-                                 ref=run.ref_train, args=args)
+            metrics = train_step(run.model, run.optimizer, step, data=run.train, batching=run.how.batching, args=args)
         except FloatingPointError as e:
             raise FloatingPointError(f"{e} at step {run.step + 1}; the last checkpoint in {run.out} is kept") from None
         run.scheduler.step()

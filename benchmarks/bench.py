@@ -100,10 +100,10 @@ def train_args(dtype):
     return train.parse_args(["--dtype", dtype])
 
 
-def train_step(model, optimizer, pairs, ref, micro_batches, batching, dtype):
-    """train.py's train_step with its default loss, beta and clipping."""
+def train_step(model, optimizer, data, micro_batches, batching, dtype):
+    """train.py's train_step on `data` (a train.PairSet) with its default loss, beta and clipping."""
     step = Step(epoch=0, micro_batches=micro_batches, pairs_in_step=sum(map(len, micro_batches)))
-    return train.train_step(model, optimizer, step, batching=batching, pairs=pairs, ref=ref, args=train_args(dtype))
+    return train.train_step(model, optimizer, step, data=data, batching=batching, args=train_args(dtype))
 
 
 def synchronize():
@@ -129,7 +129,7 @@ def bench_training(args, device):
     log = open(Path(tempfile.mkdtemp()) / "metrics.jsonl", "w")
 
     def full_step():  # exactly what train.py's loop does per step, logging included
-        metrics = train_step(model, optimizer, pairs, ref, step, batching, dtype)
+        metrics = train_step(model, optimizer, train.PairSet(pairs, ref), step, batching, dtype)
         log.write(json.dumps(metrics) + "\n")
         log.flush()
 
@@ -234,7 +234,7 @@ def child(args, mode):
         pairs = random_pairs(args.batch_size, model.config.vocab_size)
         step = [list(range(len(pairs)))]
         ref = initial_logps(model, pairs, step[0], device, dtype, batching)
-        seconds = timed(lambda: train_step(model, optimizer, pairs, ref, step, batching, dtype), args.repeats)
+        seconds = timed(lambda: train_step(model, optimizer, train.PairSet(pairs, ref), step, batching, dtype), args.repeats)
         return f"{pair_tokens(pairs)} {pair_tokens(pairs) / seconds} {peak_memory(device)} {floor_memory(libraries, model)}"
     reference = None
     if mode == "live":
@@ -253,7 +253,7 @@ def child(args, mode):
             optimizer.zero_grad(set_to_none=True)
             continue
         ref = initial_logps(model if reference is None else reference, pairs, indices, device, dtype, batching)
-        train_step(model, optimizer, pairs, ref, [indices], batching, dtype)
+        train_step(model, optimizer, train.PairSet(pairs, ref), [indices], batching, dtype)
     return peak_memory(device)
 
 
@@ -508,7 +508,7 @@ def gpu_row(label, model, card, rng, args, device):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     ref = initial_logps(model, pairs, step[0], device, "bf16", batching)
-    seconds = timed(lambda: train_step(model, optimizer, pairs, ref, step, batching, "bf16"), args.repeats)
+    seconds = timed(lambda: train_step(model, optimizer, train.PairSet(pairs, ref), step, batching, "bf16"), args.repeats)
     tokens = 2 * len(pairs) * 1024
     peak_flops = next((flops for name, flops in DENSE_BF16_FLOPS if name in card), None)
     mfu = f", MFU {step_flops(model, pairs) / seconds / peak_flops:.1%}" if peak_flops else ""
@@ -541,14 +541,14 @@ def bench_gpu(args, device):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--model", default=DEFAULT_MODEL, help="local path or hub id (default: the embedded SmolLM2)")
     p.add_argument("--tiny", action="store_true", help="a tiny random Llama instead of SmolLM2")
     p.add_argument("--gpu", action="store_true", help="only the GPU throughput rows")
-    p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--grad-accum", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--precompute-pairs", type=int, default=24)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch-size", type=int, default=2, help="pairs per micro-batch, as train.py's")
+    p.add_argument("--grad-accum", type=int, default=2, help="micro-batches per timed step")
+    p.add_argument("--repeats", type=int, default=2, help="timed steps after the warm-up")
+    p.add_argument("--precompute-pairs", type=int, default=24, help="pairs of row 3's reference pass")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="default: cuda if present")
     p.add_argument("--peer", choices=["trl"], help="also rows 8: TRL's DPOTrainer on the same pairs (pip install trl)")
     p.add_argument("--peer-pairs", type=lambda text: [int(n) for n in text.split(",")], default=[4, 16],
                    help="rows 8's micro-batch sizes, in pairs")

@@ -245,7 +245,7 @@ def sync_rows(tiny, device):
     def syncs_in_step(micro_batches):
         with recorded_syncs(device) as caught:
             step = Step(epoch=0, micro_batches=micro_batches, pairs_in_step=len(micro_batches))
-            train.train_step(model, optimizer, step, batching=batching, pairs=pairs, ref=ref, args=args)
+            train.train_step(model, optimizer, step, data=train.PairSet(pairs, ref), batching=batching, args=args)
         return None if caught is None else sum("synchroniz" in str(w.message) for w in caught)
 
     syncs_in_step([[0]])  # warm-up: the optimizer's state and the kernels' first calls

@@ -1,8 +1,11 @@
 """Local generation: a batch of prompts answered by a local model, greedily or sampled with a seed per answer.
 
 `clair.py sample`, evaluate.py, diagnose.py and experiment/ generate here, from the same prompt token ids
-as training (chat_tokens.chat_ids).
+as training (chat_tokens.chat_ids). A sampled answer depends on its prompt and its seed alone, not on the
+other prompts of its batch, so that a resumed `clair.py sample` writes what an uninterrupted one would.
 """
+
+from dataclasses import dataclass
 
 import torch
 
@@ -11,46 +14,66 @@ from clair_apo.models import autocast
 from preference_data import as_messages
 
 
-def generate(model, tokenizer, prompts, max_tokens, temperature=0.0, top_p=1.0, seeds=None, dtype="fp32"):
+@dataclass(frozen=True)
+class Decoding:
+    """How to decode: at most `max_tokens` new tokens; greedily at temperature 0, else sampled from the softmax
+    at `temperature`, cut to its top-p nucleus; computed in `dtype` (bf16: under autocast, as training)."""
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    dtype: str = "fp32"
+
+
+def generate(model, tokenizer, prompts, decoding, seeds=None):
     """(answers, finish reasons, token counts) of a local model to a batch of prompts (strings or chat messages).
 
     A finish reason is "stop" where the model ended its turn (an end-of-sequence token) and "length" where it
-    hit `max_tokens`; a token count is the generated tokens up to the end of the turn, its end included. Temperature 0 decodes greedily; otherwise each prompt samples with its own generator,
-    seeded by `seeds` (one per prompt; drawn from torch's global generator when None), so that an answer does
-    not depend on the other prompts of its batch. `dtype` bf16 decodes under autocast, as training computes.
-
-    The prompts' token ids are training's (chat template, its BOS only, the same date), left-padded under an
-    attention mask. A tokenizer without a pad token (Llama-3) pads with its end-of-sequence id."""
+    hit the limit; a token count is the generated tokens up to the end of the turn, its end included. A sampled
+    prompt draws from its own generator, seeded by `seeds` (one per prompt; drawn from torch's global generator
+    when None). The prompts' token ids are training's, left-padded under an attention mask; a tokenizer without
+    a pad token (Llama-3) pads with its end-of-sequence id."""
     ids = [chat_ids(tokenizer, as_messages(p), add_generation_prompt=True) for p in prompts]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     width = max(map(len, ids))
     input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=model.device)
     attention_mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=model.device)
     sampling = {}
-    if temperature > 0:
+    if decoding.temperature > 0:
         seeds = torch.randint(2 ** 62, (len(prompts),)).tolist() if seeds is None else seeds
-        sampling = {"logits_processor": seeded_sampling(seeds, temperature, top_p, model.device)}
-    with torch.no_grad(), autocast(model.device, dtype):
-        output = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_tokens,
+        sampling = {"logits_processor": seeded_sampling(seeds, decoding, model.device)}
+    with torch.no_grad(), autocast(model.device, decoding.dtype):
+        output = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=decoding.max_tokens,
                                 pad_token_id=pad, do_sample=False, **sampling)[:, width:]
     answers = [a.strip() for a in tokenizer.batch_decode(output, skip_special_tokens=True)]
     return answers, *finishes(model, tokenizer, output)
 
 
-def seeded_sampling(seeds, temperature, top_p, device):
-    """Logits processors that make greedy decoding sample each row with its own generator: temperature and
-    top-p, then Gumbel noise (the argmax of logits plus Gumbel noise is a sample of their softmax), drawn on
-    `device`: a seed gives the same samples on every CPU, and other ones on a GPU."""
+def seeded_sampling(seeds, decoding, device):
+    """Logits processors that make greedy decoding sample each row with its own generator: temperature, top-p,
+    then InverseCdfSample, which leaves the sampled token the only one greedy decoding can pick."""
     from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
     generators = [torch.Generator(device).manual_seed(seed) for seed in seeds]
+    return LogitsProcessorList([TemperatureLogitsWarper(decoding.temperature), TopPLogitsWarper(decoding.top_p),
+                                InverseCdfSample(generators)])
 
-    def gumbel_noise(input_ids, scores):
-        uniform = torch.stack([torch.rand(scores.shape[-1], generator=g, dtype=torch.float64, device=device)
-                               for g in generators])
-        return scores - (-uniform.log()).log().to(scores)
 
-    return LogitsProcessorList([TemperatureLogitsWarper(temperature), TopPLogitsWarper(top_p), gumbel_noise])
+class InverseCdfSample:
+    """A sample of each row's softmax, by its inverse cumulative distribution: one uniform u from the row's
+    generator per step, and the first token, in token-id order, whose cumulative probability exceeds u. One
+    float64 draw a row a step, on the generator's device: a seed gives the same answers on every CPU."""
+
+    def __init__(self, generators):
+        self.generators = generators
+
+    def __call__(self, input_ids, scores):
+        probs = torch.softmax(scores.float(), dim=-1)  # top-p's cut tokens are -inf: probability 0
+        cdf = probs.double().cumsum(dim=-1)
+        uniform = torch.cat([torch.rand(1, generator=g, dtype=torch.float64, device=g.device)
+                             for g in self.generators]).to(cdf.device)
+        token = torch.searchsorted(cdf, (uniform * cdf[:, -1]).unsqueeze(-1), right=True)
+        token = token.clamp(max=scores.shape[-1] - 1)
+        return torch.full_like(scores, -torch.inf).scatter_(-1, token, 0.0)
 
 
 def finishes(model, tokenizer, output):

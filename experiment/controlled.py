@@ -46,7 +46,7 @@ import numpy as np
 import clair
 import evaluate
 import train
-from clair_apo.generation import generate
+from clair_apo.generation import Decoding, generate
 from clair_apo.models import DEFAULT_MODEL, default_device, default_dtype, load_model
 from evaluate import matches, normalise
 from preference_data import read_jsonl
@@ -478,8 +478,8 @@ def answer_prompts(model_path, prompts, args):
     records = []
     for start in range(0, len(prompts), args.gen_batch):
         batch = prompts[start:start + args.gen_batch]
-        texts, reasons, counts = generate(model, tokenizer, [p["prompt"] for p in batch], args.max_tokens,
-                                          dtype=default_dtype(model.device))
+        texts, reasons, counts = generate(model, tokenizer, [p["prompt"] for p in batch],
+                                          Decoding(args.max_tokens, dtype=default_dtype(model.device)))
         records += [{"id": p["id"], "answer": text, "finish_reason": reason, "tokens": count,
                      **grade(text, reason, p)} for p, text, reason, count in zip(batch, texts, reasons, counts)]
     return records
@@ -680,8 +680,8 @@ def plot(results, folders, out):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=DEFAULT_MODEL)
-    p.add_argument("--out", default="runs/experiment")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="the model trained and tested (default: SmolLM2)")
+    p.add_argument("--out", default="runs/experiment", help="every stage's files; a rerun resumes from them")
     p.add_argument("--quick", action="store_true", help="toy sizes for a smoke test: seconds, meaningless numbers")
     p.add_argument("--gate", action="store_true",
                    help="stop after the pilot gate (the untrained model on the validation prompts)")
@@ -692,14 +692,14 @@ def parse_args(argv=None):
     p.add_argument("--test-prompts", type=int, default=100, help="test prompts: the hypotheses (at most 100)")
     p.add_argument("--samples", type=int, default=4, help="samples per train and validation prompt")
     p.add_argument("--temperature", type=float, default=0.7, help="of the samples (top-p 0.9)")
-    p.add_argument("--seeds", type=int, default=4)
+    p.add_argument("--seeds", type=int, default=4, help="training runs per arm, each on its own share")
     p.add_argument("--pairs", type=int, default=40, help="training pairs per run, drawn from its seed's share")
     p.add_argument("--eval-pairs", type=int, default=24, help="held-out validation pairs for Figure 4's view")
     p.add_argument("--lr", type=float, default=2e-5, help="fixed in advance, the same for every arm")
-    p.add_argument("--beta", type=float, default=0.1)
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--grad-accum", type=int, default=4)
+    p.add_argument("--beta", type=float, default=0.1, help="train.py's, the same for every arm")
+    p.add_argument("--epochs", type=int, default=2, help="train.py's, over a run's pairs")
+    p.add_argument("--batch-size", type=int, default=2, help="train.py's")
+    p.add_argument("--grad-accum", type=int, default=4, help="train.py's")
     p.add_argument("--eval-every", type=int, default=5, help="optimizer steps between held-out evaluations")
     p.add_argument("--max-length", type=int, default=192, help="train.py's, prompt + completion tokens")
     p.add_argument("--max-prompt-length", type=int, default=128, help="train.py's")

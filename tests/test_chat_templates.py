@@ -230,7 +230,8 @@ def test_generation_writes_one_bos_and_pads_without_a_pad_token():
     seen = []
     generate = model.generate
     model.generate = lambda input_ids, **kwargs: seen.append(input_ids) or generate(input_ids=input_ids, **kwargs)
-    answers, _, _ = generation.generate(model.eval(), tokenizer, ["Hi", "A longer prompt than the first."], 4)
+    answers, _, _ = generation.generate(model.eval(), tokenizer, ["Hi", "A longer prompt than the first."],
+                                           generation.Decoding(max_tokens=4))
     assert len(answers) == 2
     (input_ids,) = seen
     starts = [row.tolist().index(tokenizer.bos_token_id) for row in input_ids]

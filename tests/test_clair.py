@@ -109,14 +109,16 @@ def test_prompt_file_replaces_the_template(tmp_path):
 @pytest.mark.parametrize("fault", ["429", "500", "slow", "badjson", "nochoices", "drop"])
 def test_transient_faults_are_retried(fault):
     with ChatServer(lambda body: "fine", faults=[fault, fault], slow_seconds=1.5) as server:
-        client = clair.ChatClient(server.base_url, "m", timeout=0.5, max_backoff=0.01)
+        client = clair.ChatClient(server.base_url, "m", timeout=0.5)
+        client.max_backoff = 0.01
         assert client.complete([{"role": "user", "content": "hi"}], 0.0, 8) == "fine"
         assert len(server.requests) == 3
 
 
 def test_retry_after_is_honoured():
     with ChatServer(lambda body: "fine", faults=["429"]) as server:
-        client = clair.ChatClient(server.base_url, "m", max_backoff=0.0)
+        client = clair.ChatClient(server.base_url, "m")
+        client.max_backoff = 0.0
         start = time.time()
         client.complete([{"role": "user", "content": "hi"}], 0.0, 8)
         assert time.time() - start >= 0.05  # the server's Retry-After, though max_backoff is 0
@@ -124,7 +126,8 @@ def test_retry_after_is_honoured():
 
 def test_retries_show_on_the_console_one_line_per_kind_per_interval(capsys):
     with ChatServer(lambda body: "fine", faults=["500", "500", "429", "500"]) as server:
-        client = clair.ChatClient(server.base_url, "m", max_backoff=0.0)
+        client = clair.ChatClient(server.base_url, "m")
+        client.max_backoff = 0.0
         assert client.complete([{"role": "user", "content": "hi"}], 0.0, 8) == "fine"
         lines = capsys.readouterr().err.splitlines()
         assert lines == [f"retrying {server.base_url}/chat/completions: HTTP 500; attempt 1 of 9 failed, next in 0.0 s",
@@ -343,16 +346,16 @@ def test_local_finish_reason_is_stop_at_end_of_sequence_and_length_at_the_limit(
     import torch
 
     from clair_apo.chat_tokens import chat_ids
-    from clair_apo.generation import generate
+    from clair_apo.generation import Decoding, generate
     from clair_apo.models import load_model
 
     tokenizer, model = load_model(tiny_model)
     ids = chat_ids(tokenizer, [{"role": "user", "content": "Hi"}], add_generation_prompt=True)
     first = model(torch.tensor([ids])).logits[0, -1].argmax().item()  # the greedy first token
     prompts = ["Hi", "Tell me a long story about a cat and a dog, please."]  # the second starts otherwise
-    assert generate(model, tokenizer, prompts, 4)[1] == ["length", "length"]
+    assert generate(model, tokenizer, prompts, Decoding(4))[1] == ["length", "length"]
     model.generation_config.eos_token_id = [tokenizer.eos_token_id, first]  # now "Hi" ends the turn at once
-    answers, reasons, _ = generate(model, tokenizer, prompts, 4)
+    answers, reasons, _ = generate(model, tokenizer, prompts, Decoding(4))
     assert reasons == ["stop", "length"] and len(answers[1]) > len(answers[0])
 
 
@@ -447,14 +450,14 @@ def test_a_real_server_refuses_a_wrong_model_or_url_at_once(tmp_path, real_serve
 
 def test_local_generation_without_a_pad_token(tmp_path, padless_model):
     """Llama-3 style: no pad token. Left padding under the attention mask: a batch answers as each prompt alone."""
-    from clair_apo.generation import generate
+    from clair_apo.generation import Decoding, generate
     from clair_apo.models import load_model
 
     tokenizer, model = load_model(padless_model)
     assert tokenizer.pad_token_id is None
     prompts = ["Hi", [{"role": "user", "content": "Tell me a long story about a cat and a dog, please."}]]
-    alone = [generate(model, tokenizer, [p], 8)[0][0] for p in prompts]
-    assert generate(model, tokenizer, prompts, 8)[0] == alone and alone[0] != alone[1]
+    alone = [generate(model, tokenizer, [p], Decoding(8))[0][0] for p in prompts]
+    assert generate(model, tokenizer, prompts, Decoding(8))[0] == alone and alone[0] != alone[1]
     prompts_file = write_jsonl(tmp_path / "p.jsonl", [{"id": "p", "prompt": "Hi"}])
     clair.main(["sample", "--model", padless_model, "--in", prompts_file,
                 "--out", str(tmp_path / "s.jsonl"), "--max-tokens", "8", "--temperature", "0"])
@@ -508,16 +511,16 @@ def test_local_generation_counts_the_tokens_it_generated(tiny_model):
     import torch
 
     from clair_apo.chat_tokens import chat_ids
-    from clair_apo.generation import generate
+    from clair_apo.generation import Decoding, generate
     from clair_apo.models import load_model
 
     tokenizer, model = load_model(tiny_model)
-    _, reasons, counts = generate(model, tokenizer, ["Hi", "Tell me a long story, please."], 6)
+    _, reasons, counts = generate(model, tokenizer, ["Hi", "Tell me a long story, please."], Decoding(6))
     assert reasons == ["length", "length"] and counts == [6, 6]
     ids = torch.tensor([chat_ids(tokenizer, [{"role": "user", "content": "Hi"}], add_generation_prompt=True)])
     greedy = model.generate(input_ids=ids, max_new_tokens=6, do_sample=False, pad_token_id=0)[0, ids.shape[1]:].tolist()
     model.generation_config.eos_token_id = [greedy[2]]  # the third greedy token now ends the turn
-    _, reasons, counts = generate(model, tokenizer, ["Hi"], 6)
+    _, reasons, counts = generate(model, tokenizer, ["Hi"], Decoding(6))
     assert reasons == ["stop"] and counts == [greedy.index(greedy[2]) + 1]
 
 

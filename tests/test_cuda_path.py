@@ -93,8 +93,8 @@ def test_one_row_passes_the_varlen_arguments_transformers_would_derive():
 
 def test_generation_in_bf16_on_the_cpu(tiny_model):
     tokenizer, model = models.load_model(tiny_model)
-    answers, reasons, _ = generation.generate(model.eval(), tokenizer, ["Hi", "What is 2 + 2?"], 4, temperature=1.0,
-                                               seeds=[1, 2], dtype="bf16")
+    decoding = generation.Decoding(max_tokens=4, temperature=1.0, dtype="bf16")
+    answers, reasons, _ = generation.generate(model.eval(), tokenizer, ["Hi", "What is 2 + 2?"], decoding, seeds=[1, 2])
     assert len(answers) == 2 and reasons == ["length", "length"]
 
 

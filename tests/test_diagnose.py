@@ -268,7 +268,8 @@ def test_a_judge_that_fails_later_keeps_the_per_pair_values(tmp_path, tiny_model
 
 
 def judge_client_with_few_retries(args):
-    client = clair.ChatClient(args.judge_url, args.judge_model, args.api_key_env, max_retries=1, max_backoff=0.0)
+    client = clair.ChatClient(args.judge_url, args.judge_model, args.api_key_env, max_retries=1)
+    client.max_backoff = 0.0
     client.check()
     return client
 

@@ -210,7 +210,8 @@ def test_a_wrong_judge_url_fails_before_any_generation(tmp_path, two_models, mon
 
 
 def test_a_judge_that_goes_away_keeps_the_generations(tmp_path, two_models, monkeypatch):
-    monkeypatch.setattr(evaluate, "ChatClient", functools.partial(clair.ChatClient, max_retries=1, max_backoff=0.0))
+    monkeypatch.setattr(clair.ChatClient, "max_backoff", 0.0)
+    monkeypatch.setattr(evaluate, "ChatClient", functools.partial(clair.ChatClient, max_retries=1))
 
     def reply(body):  # the check passes, then the judge fails for good
         server.faults.extend(["500"] * 10)

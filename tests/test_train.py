@@ -752,7 +752,7 @@ def test_the_step_takes_the_gradient_of_the_mean_loss_over_its_pairs(tiny_model)
     args = types.SimpleNamespace(loss="apo_zero", beta=0.1, dtype="fp32", max_grad_norm=0.0)
     step = batching.Step(epoch=0, micro_batches=[[0, 1], [2, 3]], pairs_in_step=4)
     logged = train.train_step(model, torch.optim.SGD(model.parameters(), lr=0.0), step,
-                              batching=padded_pass(2).batching, pairs=pairs, ref=ref, args=args)
+                              data=train.PairSet(pairs, ref), batching=padded_pass(2).batching, args=args)
     assert logged["grad_norm"] == pytest.approx(expected, rel=1e-5)
     assert logged["loss"] == pytest.approx(mean_loss.item(), rel=1e-6)
 
