@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 out=runs/repro
-common=(--epochs 1 --max-steps 0 --batch-size 2 --grad-accum 4 --lr 5e-6 --beta 0.1 --eval-every 5 --seed 0)
+common=(--epochs 1 --batch-size 2 --grad-accum 4 --lr 5e-6 --beta 0.1 --eval-every 5 --seed 0)
 
 python clair.py stats data/clair_train.jsonl data/stronger_train.jsonl | tee docs/table1.md
 for loss in dpo apo_zero apo_down; do

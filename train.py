@@ -127,6 +127,8 @@ def parse_args(argv=None):
         p.error(why)
     if args.epochs < 1:
         p.error(f"--epochs ({args.epochs}) must be at least 1")
+    if args.max_steps is not None and args.max_steps < 1:
+        p.error(f"--max-steps ({args.max_steps}) must be at least 1; leave it out to run every epoch")
     if Path(args.model).exists():  # saved absolute: evaluate.py finds the reference from any directory
         args.model = str(Path(args.model).resolve())
     return args

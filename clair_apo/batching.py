@@ -54,7 +54,7 @@ def plan_steps(n_pairs, args, process=None):
             micro_batches = [share[i:i + args.grad_accum] for share in shares]
             pairs_in_step = sum(len(batch) for share in micro_batches for batch in share)
             steps.append(Step(epoch, micro_batches[process], pairs_in_step))
-        if args.max_steps and len(steps) >= args.max_steps:
+        if args.max_steps is not None and len(steps) >= args.max_steps:
             return steps[:args.max_steps]
     return steps
 

@@ -514,7 +514,7 @@ def run(arm, seed, pair_ids, pairs, prompts, args):
     data = write_jsonl(folder / "pairs.jsonl", [p for p in pairs[dataset] if p["id"] in wanted])
     heldout_pairs = str(Path(args.out) / f"heldout_{dataset}.jsonl")
     train.main(["--model", args.model, "--data", data, "--eval-data", heldout_pairs, "--loss", loss,
-                "--lr", str(args.lr), "--beta", str(args.beta), "--epochs", str(args.epochs), "--max-steps", "0",
+                "--lr", str(args.lr), "--beta", str(args.beta), "--epochs", str(args.epochs),
                 "--batch-size", str(args.batch_size), "--grad-accum", str(args.grad_accum),
                 "--eval-every", str(args.eval_every), "--max-length", str(args.max_length),
                 "--max-prompt-length", str(args.max_prompt_length), "--seed", str(seed), "--out", str(folder)])

@@ -809,7 +809,7 @@ def test_packing_needs_both_measurements_exact(tiny_model, monkeypatch, gaps):
 
 
 def test_the_plan_deals_each_epochs_pairs_once_in_steps_of_grad_accum_micro_batches():
-    args = types.SimpleNamespace(epochs=2, batch_size=2, grad_accum=3, seed=0, max_steps=0)
+    args = types.SimpleNamespace(epochs=2, batch_size=2, grad_accum=3, seed=0, max_steps=None)
     steps = batching.plan_steps(12, args)
     assert [(step.epoch, [len(batch) for batch in step.micro_batches]) for step in steps] == [(0, [2, 2, 2])] * 2 + [
         (1, [2, 2, 2])] * 2
