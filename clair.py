@@ -77,11 +77,13 @@ def fill(template, **values):
 
 
 def parse_revision(reply):
-    """(rationale, revision) of a reviser's reply, or None when it has no marker or an empty revision."""
+    """(rationale, revision) of a reviser's reply, or None when it has no marker or an empty revision. The
+    revision is the text after the first marker found and before that marker's next occurrence, if any, as the
+    authors' parser takes it (a split on the marker, then its second part)."""
     for marker in REVISION_MARKERS:
         head, found, tail = reply.partition(marker)
         if found:
-            revision = tail.strip()
+            revision = tail.partition(marker)[0].strip()
             rationale = re.sub(r"^\s*\{teacher_reasoning\}\s*:?", "", head).strip()
             return (rationale, revision) if revision else None
     return None

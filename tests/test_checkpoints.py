@@ -103,13 +103,23 @@ def test_rng_state_round_trips_through_json():
     random.seed(1)
     np.random.seed(2)
     torch.manual_seed(3)
+    # Gaussians too: Python's and numpy's draw them in pairs and cache the second, which the state must carry.
+    random.gauss(0, 1)
+    np.random.standard_normal()
+    assert np.random.get_state()[3] == 1  # numpy holds a cached Gaussian now
     saved = json.loads(json.dumps(checkpoints.rng_state()))
-    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+
+    def draws():
+        return (random.random(), random.gauss(0, 1), np.random.rand(), np.random.standard_normal(),
+                torch.rand(1).item(), torch.randn(1).item())
+    expected = draws()
     random.seed(9)
     np.random.seed(9)
     torch.manual_seed(9)
+    random.gauss(0, 1)
+    np.random.standard_normal()  # other cached Gaussians, to be replaced
     checkpoints.set_rng_state(saved)
-    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+    assert draws() == expected
 
 
 NOT_LINUX = """

@@ -74,6 +74,10 @@ def test_marker_priority_and_drops():
     assert clair.parse_revision("why\n{worsened_student_solution}: worse") == ("why", "worse")
     assert clair.parse_revision("just an answer, no markers") is None
     assert clair.parse_revision("{teacher_reasoning}: r\n{corrected_student_solution}:   \n") is None
+    # A marker twice: the revision ends where the marker comes again, as the authors' split takes it.
+    twice = "{teacher_reasoning}: r\n{corrected_student_solution}: fixed\n{corrected_student_solution}: again"
+    assert clair.parse_revision(twice) == ("r", "fixed")
+    assert clair.parse_revision("{corrected_student_solution}:\n{corrected_student_solution}: late") is None
 
 
 def test_unparseable_replies_are_dropped_counted_and_kept(tmp_path):

@@ -230,6 +230,24 @@ def test_the_judge_compares_the_unkeyed_pairs_in_both_orders(tiny_model, ref_cac
     assert report["per_pair"][0]["comparison"] == {"by": "judge", "scores": [1.0, 1.0], "outcome": "win"}
 
 
+@pytest.mark.parametrize("verdicts, outcome", [(("[[A]]", "[[A]]"), "tie"), (("[[tie]]", "[[B]]"), "win"),
+                                               (("[[tie]]", "[[A]]"), "loss"), (("[[B]]", "[[tie]]"), "loss")])
+def test_the_two_orders_decide_together(tiny_model, ref_cache, unkeyed, verdicts, outcome):
+    """The judge's verdict in each order (chosen shown first, then second): a first-position bias is a tie; a tie
+    in one order leaves the other to decide."""
+    def reply(body):
+        text = body["messages"][-1]["content"]
+        if "[Answer A]" not in text:
+            return "OK"  # the check
+        chosen_first = " = " in text.split("[Answer A]", 1)[1].split("[Answer B]", 1)[0]
+        return verdicts[0] if chosen_first else verdicts[1]
+
+    with ChatServer(reply) as server:
+        report = diagnose.main(["--model", tiny_model, *unkeyed, "--judge-url", server.base_url, "--judge-model", "j"])
+    judged = [pair["comparison"]["outcome"] for pair in report["per_pair"] if pair["comparison"]["by"] == "judge"]
+    assert judged == [outcome] * 3
+
+
 def test_a_judge_without_verdicts_is_counted_and_withheld(tmp_path, tiny_model, ref_cache, unkeyed, capsys):
     with ChatServer(lambda body: "Both answers are fine.") as server:
         with pytest.raises(SystemExit, match=r"most replies had no verdict, so the comparison is withheld.*r\.json"):

@@ -268,6 +268,23 @@ def test_a_tie_scores_one_half_in_both_orders():
     assert [score for score, _ in scores] == [0.5, 0.5]
 
 
+def test_the_two_orders_combine_when_the_judge_changes_its_verdict_with_the_order():
+    """A judge biased to the first position scores one win and one loss: a win rate of one half. A tie in one
+    order and a win in the other average to three quarters."""
+    rows = [{"id": "q", "prompt": "Say something.", "answer": None}]
+    biased = lambda body: "[[A]]"
+
+    def tie_when_mine_first(body):
+        return "[[tie]]" if "[Answer A]\nmine" in body["messages"][-1]["content"] else "[[B]]"
+
+    for reply, scores, rate in ((biased, [1.0, 0.0], 0.5), (tie_when_mine_first, [0.5, 1.0], 0.75)):
+        with ChatServer(reply) as server:
+            assert [score for score, _ in evaluate.pairwise(judge_client(server), rows[0], "mine", "theirs")] == scores
+            report = {"models": {"ref": {}, "ckpt": {}}, "samples": [{"id": "q", "ref": "theirs", "ckpt": "mine"}]}
+            evaluate.judge_generations(judge_client(server), rows, report, ref="ref")
+        assert report["models"]["ckpt"]["win_rate_vs_ref"] == rate
+
+
 def test_a_score_with_a_verdict_in_half_its_replies_is_kept():
     def reply(body):  # a verdict only when the checkpoint's answer comes first
         return "[[A]]" if "[Answer A]\nmine" in body["messages"][-1]["content"] else "I cannot decide."

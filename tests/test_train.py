@@ -430,6 +430,10 @@ def test_checkpointing_keeps_and_recomputes_what_it_says(tiny_model):
     block_mms = none[1]["mm"] - 1  # all but the LM head's; the recompute stops before each block's last (2 blocks)
     assert full[2]["mm"] == none[2]["mm"] + block_mms - 2
     assert selective[0] < none[0] / 3 and full[0] < none[0] / 3
+    attention = "_scaled_dot_product_flash_attention_for_cpu"  # SDPA's forward on the CPU, one per block
+    assert none[1][attention] == 2 and none[2][attention] == 0
+    assert selective[2][attention] == 0  # kept, never recomputed
+    assert full[2][attention] == 2  # recomputed with its block
 
 
 def test_bf16_autocast_run(tmp_path, tiny_model, ref_cache):
