@@ -19,9 +19,10 @@ from torch.utils.checkpoint import checkpoint
 from clair_apo.distributed import max_over_processes, unwrap
 from clair_apo.logprobs import measuring, model_inputs, sum_per_sequence, token_logps
 
-# How far the fused head's log-probs may sit from the definition's, for any one token: float32 agrees to
-# rounding; bf16 rounds the head's matmul by the chunk's shape.
-FUSED_HEAD_TOL = {"fp32": 1e-5, "bf16": 5e-2}
+# How far the fused head's log-probs may sit from the definition's, for any one token: both round the head's
+# matmul by its shape (the definition's covers every position, the fused head's a chunk of targets), about
+# 1e-5 nats in float32 and 1e-2 in bf16. A soft-cap or scale the fused head misses is off by far more.
+FUSED_HEAD_TOL = {"fp32": 1e-4, "bf16": 5e-2}
 
 # Targets per chunk: as many as 2 ** 24 logits (64 MiB in float32, the chunk's largest tensor), and at least
 # the hidden size, so that each chunk's [vocabulary, hidden] weight-gradient product moves no more memory than
