@@ -161,6 +161,7 @@ MUTANTS = [
       "losses"),
     # clair_apo/logprobs.py: the definition of sequence log-probs, and the no-grad pass over many pairs
     M("clair_apo/logprobs.py", "token_logps", "logits[rows, cols]", "logits[rows, cols - 1]", "log-probs"),
+    M("clair_apo/logprobs.py", "token_logps", ".float().log_softmax(-1)", ".log_softmax(-1)", "log-probs"),
     M("clair_apo/logprobs.py", "token_logps", 'batch["labels"].unsqueeze(-1)', 'batch["labels"].flip(0).unsqueeze(-1)',
       "log-probs"),
     M("clair_apo/logprobs.py", "sum_per_sequence", "dtype=torch.float64, device", "dtype=torch.float32, device",
