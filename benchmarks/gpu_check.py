@@ -5,7 +5,7 @@
 
 Rows: (1) log-probs in bf16 as float32 weights under autocast (one process, DDP) and as bf16 parameters (FSDP's
 mixed precision), each against float32 and against the other, padded and packed, under SDPA and flash
-attention, and packed against padded in each (batching.packing_gaps), against batching.PACKING_TOL and
+attention, and packed against padded in each (packing.packing_gaps), against packing.PACKING_TOL and
 train.REF_CHECK_TOL; (2) two packed forwards of one batch, bit for bit; (3) host syncs in one train_step, at 1
 and at 4 micro-batches; (4) train.py for 3 steps; (5) torchrun, FSDP in bf16 with gradient checkpointing,
 killed after step 1 and resumed, against the uninterrupted run's metrics; (6) the same under flash attention;
