@@ -155,7 +155,7 @@ def sample_locally(args, jobs, record):
     top_p = 1.0 if args.top_p is None else args.top_p
     settings = {"model": args.model, "temperature": args.temperature, "top_p": top_p, "max_tokens": args.max_tokens,
                 "seed": args.seed or 0}
-    decoding = Decoding(args.max_tokens, args.temperature, top_p, dtype=default_dtype(model.device))
+    decoding = Decoding(args.max_tokens, args.temperature, top_p, dtype=default_dtype(model.device)[0])
     with JsonlAppender(args.out) as out:
         for start in tqdm(range(0, len(todo), args.batch_size), desc="sample"):
             batch = todo[start:start + args.batch_size]

@@ -98,12 +98,13 @@ def parse_args(argv):
     p.add_argument("--batch-size", type=int, default=8, help="pairs per forward; prompts per generate")
     p.add_argument("--max-length", type=int, default=MAX_LENGTH, help="as in train.py")
     p.add_argument("--max-prompt-length", type=int, default=MAX_PROMPT_LENGTH, help="as in train.py")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], help="default: bf16 on CUDA, else fp32")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], help="default: bf16 on CUDA and on a CPU with native bf16, "
+                   "else fp32")
     p.add_argument("--packing", choices=["auto", "on", "off"], default="auto", help="as in train.py")
     p.add_argument("--top", type=int, default=5, help="pairs flagged in the table: the highest CHES scores")
     p.add_argument("--out", help="write the report, every per-pair value in it, here as JSON")
     args = p.parse_args(argv)
-    args.dtype = args.dtype or default_dtype(default_device())
+    args.dtype = args.dtype or default_dtype(default_device())[0]
     if why := setting_error(args.max_length, args.max_prompt_length, None, args.dtype):
         p.error(why)
     return args

@@ -97,7 +97,7 @@ def parse_args(argv):
             p.error(f"the checkpoints were trained with different {name} ({', '.join(sorted(map(repr, values)))}): "
                     f"give --{flag.replace('_', '-')}")
         setattr(args, flag, values.pop() if values else fallback)
-    args.dtype = args.dtype or default_dtype(default_device())
+    args.dtype = args.dtype or default_dtype(default_device())[0]
     max_length, max_prompt_length = (args.max_length, args.max_prompt_length) if args.data else (MAX_LENGTH,
                                                                                                  MAX_PROMPT_LENGTH)
     if why := setting_error(max_length, max_prompt_length, args.attn_implementation, args.dtype):

@@ -85,7 +85,8 @@ def add_training_flags(p):
 def add_compute_flags(p):
     """How the steps are computed: dtype, memory, attention, sharding."""
     p = p.add_argument_group("compute")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="default: bf16 on CUDA, else fp32")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="bf16: autocast over float32 weights "
+                   "(default: bf16 on CUDA and on a CPU with native bf16, AVX512-BF16, AMX or Arm's BF16; else fp32)")
     p.add_argument("--gradient-checkpointing", nargs="?", choices=["none", "selective", "full"], default="none",
                    const="full", help="recompute activations in the backward: full (the flag alone) keeps each "
                    "block's input only; selective keeps its matrix products and attention, recomputing the "
@@ -119,7 +120,7 @@ def parse_args(argv=None):
     for add_flags in (add_data_flags, add_training_flags, add_compute_flags, add_output_flags):
         add_flags(p)
     args = p.parse_args(argv)
-    args.dtype = args.dtype or default_dtype(default_device())
+    args.dtype, args.dtype_source = (args.dtype, "--dtype") if args.dtype else default_dtype(default_device())
     args.out = args.out or f"runs/{args.loss}"
     if args.max_steps is None and args.data is None:
         args.max_steps = DEMO_STEPS
@@ -345,6 +346,7 @@ def prepare_run(args, device):
     optimizer, scheduler = make_optimizer(model, args, total_steps=len(steps))
     batching = choose_batching(model, train_pairs, indices=steps[0].micro_batches[0], packing=args.packing,
                                device=device, dtype=args.dtype)
+    log0(f"dtype: {args.dtype} ({args.dtype_source})")
     log0(f"batching: {batching.description}")
     how = LogprobPass(batching, batch_size=2 * args.batch_size, device=device, dtype=args.dtype)
     used = range(len(train_pairs)) if args.write_ref_logps else pairs_trained(len(train_pairs), args)

@@ -28,6 +28,7 @@ import math
 import os
 import random
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -68,9 +69,9 @@ def setup(args, device):
     disable_dropout(model)
     rows, _ = preference_data.load_pairs(ROOT / "data" / "clair_train.jsonl")
     pairs, _ = tokenize_pairs(tokenizer, rows, 512, 192)
-    optimizer, _ = train.make_optimizer(model, train_args(default_dtype(device)), total_steps=1)
+    optimizer, _ = train.make_optimizer(model, train_args(default_dtype(device)[0]), total_steps=1)
     batches = train_batches(len(pairs), args.batch_size, 0, 0)
-    batching = choose_batching(model, pairs, batches[0], "auto", device, default_dtype(device))
+    batching = choose_batching(model, pairs, batches[0], "auto", device, default_dtype(device)[0])
     return tokenizer, model, pairs, optimizer, batches, batching
 
 
@@ -113,17 +114,20 @@ def synchronize():
 
 def timed(fn, repeats):
     fn()  # warm-up
+    return sum(seconds_of(fn) for _ in range(repeats)) / repeats
+
+
+def seconds_of(fn):
     synchronize()
     start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
+    fn()
     synchronize()
-    return (time.perf_counter() - start) / repeats
+    return time.perf_counter() - start
 
 
 def bench_training(args, device):
     tokenizer, model, pairs, optimizer, batches, batching = setup(args, device)
-    dtype = default_dtype(device)
+    dtype = default_dtype(device)[0]
     step = batches[:args.grad_accum]
     ref = initial_logps(model, pairs, sorted(i for b in step for i in b), device, dtype, batching)
     log = open(Path(tempfile.mkdtemp()) / "metrics.jsonl", "w")
@@ -224,7 +228,7 @@ def child(args, mode):
     device = torch.device(args.device)
     libraries = resident_memory(device)
     tokenizer, model, pairs, optimizer, batches, batching = setup(args, device)
-    dtype = default_dtype(device)
+    dtype = default_dtype(device)[0]
     if args.checkpointing != "none":
         enable_checkpointing(model, args.checkpointing)
     if args.head == "whole":
@@ -478,6 +482,70 @@ def bench_clair():
         row(f"5. Levenshtein, 3,000-character {name}", f"{len(group) / (time.perf_counter() - start):.0f} pairs/s")
 
 
+def bench_dtype(args, device):
+    """Row 11: train.py's step and its reference pass in fp32 against bf16 autocast, on the same model and
+    pairs, alternating, --repeats timed runs of each after a warm-up; the median and the spread."""
+    tokenizer, model, pairs, optimizer, batches, batching = setup(args, device)
+    step = batches[:args.grad_accum]
+    indices = sorted(i for b in step for i in b)
+    subset = pairs[:args.precompute_pairs]
+    step_tokens = sum(padded(pairs, b, "cpu")["tokens"] for b in step)
+    pass_tokens = sum(2 * len(p["prompt"]) + len(p["chosen"]) + len(p["rejected"]) for p in subset)
+    seconds = {}
+    for dtype in ("fp32", "bf16") * (1 + args.repeats):  # the first of each is the warm-up
+        ref = initial_logps(model, pairs, indices, device, dtype, batching)
+        model.train()
+        seconds.setdefault(("step", dtype), []).append(
+            seconds_of(lambda: train_step(model, optimizer, train.PairSet(pairs, ref), step, batching, dtype)))
+        how = LogprobPass(batching, batch_size=2 * args.batch_size, device=device, dtype=dtype)
+        seconds.setdefault(("pass", dtype), []).append(seconds_of(lambda: pairs_logps(model, subset, how)))
+    for what, tokens, label in (("step", step_tokens, "training step"), ("pass", pass_tokens, "reference pass")):
+        rates = {dtype: [tokens / t for t in seconds[what, dtype][1:]] for dtype in ("fp32", "bf16")}
+        ratio = statistics.median(rates["bf16"]) / statistics.median(rates["fp32"])
+        row(f"11. {label}, fp32 / bf16 autocast, tokens/s (median of {args.repeats}, min-max)",
+            " / ".join(f"{statistics.median(r):.0f} ({min(r):.0f}-{max(r):.0f})" for r in rates.values())
+            + f": bf16 {ratio:.2f}x", ">= 1.4x" if what == "step" else "", ratio >= 1.4 if what == "step" else None)
+
+
+def bench_generation(args, device):
+    """Row 12: generation.generate's seeded sampling against plain model.generate(do_sample=True), the same
+    prompts in one batch, the same temperature, top-p, limit and dtype, alternating; generated tokens (up to
+    each answer's end) per second."""
+    from clair_apo.chat_tokens import chat_ids
+    from clair_apo.generation import Decoding, finishes, generate
+
+    tokenizer, model = load_model(model_path(args), device)
+    model.eval()
+    prompts = [row["prompt"] for _, row in preference_data.read_jsonl(ROOT / "data" / "prompts.jsonl")]
+    prompts = prompts[:args.gen_prompts]
+    for dtype in ("fp32", "bf16"):
+        decoding = Decoding(max_tokens=40, temperature=0.7, top_p=0.9, dtype=dtype)
+
+        def ours():
+            return sum(generate(model, tokenizer, prompts, decoding, seeds=list(range(len(prompts))))[2])
+
+        def plain():
+            ids = [chat_ids(tokenizer, [{"role": "user", "content": p}], add_generation_prompt=True) for p in prompts]
+            width, pad = max(map(len, ids)), tokenizer.pad_token_id
+            input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=device)
+            mask = (torch.arange(width) >= torch.tensor([width - len(x) for x in ids])[:, None]).long().to(device)
+            with torch.no_grad(), autocast(device, dtype):
+                output = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=40, do_sample=True,
+                                        temperature=0.7, top_p=0.9, top_k=0, pad_token_id=pad)[:, width:]
+            return sum(finishes(model, tokenizer, output)[1])
+
+        rates = {"ours": [], "plain": []}
+        for name, run in (("ours", ours), ("plain", plain)) * args.repeats:
+            start = time.perf_counter()
+            tokens = run()
+            rates[name].append(tokens / (time.perf_counter() - start))
+        ratio = statistics.median(rates["ours"]) / statistics.median(rates["plain"])
+        row(f"12. generation, {len(prompts)} prompts in one batch, 40 new tokens, temperature 0.7, top-p 0.9, "
+            f"{dtype}: seeded per answer / plain sampling, tokens/s (median of {args.repeats})",
+            f"{statistics.median(rates['ours']):.0f} / {statistics.median(rates['plain']):.0f} = {ratio:.2f}x",
+            ">= 1.0x", ratio >= 1.0)
+
+
 def step_flops(model, pairs):
     """Model FLOPs of one training step on `pairs` (their chosen and rejected sequences), forward 1/3 and
     backward 2/3 of each term: 6 per block weight and token; 6 per LM-head weight at completion tokens only,
@@ -552,8 +620,9 @@ def main():
     p.add_argument("--peer", choices=["trl"], help="also rows 8: TRL's DPOTrainer on the same pairs (pip install trl)")
     p.add_argument("--peer-pairs", type=lambda text: [int(n) for n in text.split(",")], default=[4, 16],
                    help="rows 8's micro-batch sizes, in pairs")
-    p.add_argument("--rows", type=lambda text: {int(n) for n in text.split(",")}, default=set(range(1, 11)),
+    p.add_argument("--rows", type=lambda text: {int(n) for n in text.split(",")}, default=set(range(1, 13)),
                    help="the row groups to run, e.g. 5,8,9 (default: all; 6 is --gpu's)")
+    p.add_argument("--gen-prompts", type=int, default=100, help="row 12's prompts, generated in one batch")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--checkpointing", choices=["none", "selective", "full"], default="none", help=argparse.SUPPRESS)
     p.add_argument("--head", choices=["fused", "whole"], default="fused", help=argparse.SUPPRESS)
@@ -571,7 +640,8 @@ def main():
     else:
         groups = [({1, 2, 3, 4}, lambda: bench_memory(args, bench_training(args, device))), ({5}, bench_clair),
                   ({7}, lambda: bench_scaling(args)), ({9}, lambda: bench_vocabulary(args)),
-                  ({10}, lambda: bench_saved(args, device))]
+                  ({10}, lambda: bench_saved(args, device)), ({11}, lambda: bench_dtype(args, device)),
+                  ({12}, lambda: bench_generation(args, device))]
         groups += [({8}, lambda: bench_peer(args))] if args.peer else []
         for rows, run in groups:
             if rows & args.rows:

@@ -49,31 +49,58 @@ def generate(model, tokenizer, prompts, decoding, seeds=None):
 
 
 def seeded_sampling(seeds, decoding, device):
-    """Logits processors that make greedy decoding sample each row with its own generator: temperature, top-p,
-    then InverseCdfSample, which leaves the sampled token the only one greedy decoding can pick."""
-    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+    """A logits processor that makes greedy decoding sample each row with its own generator (NucleusSample)."""
+    from transformers import LogitsProcessorList
 
     generators = [torch.Generator(device).manual_seed(seed) for seed in seeds]
-    return LogitsProcessorList([TemperatureLogitsWarper(decoding.temperature), TopPLogitsWarper(decoding.top_p),
-                                InverseCdfSample(generators)])
+    return LogitsProcessorList([NucleusSample(generators, decoding.temperature, decoding.top_p)])
 
 
-class InverseCdfSample:
-    """A sample of each row's softmax, by its inverse cumulative distribution: one uniform u from the row's
-    generator per step, and the first token, in token-id order, whose cumulative probability exceeds u. One
-    float64 draw a row a step, on the generator's device: a seed gives the same answers on every CPU."""
+class NucleusSample:
+    """A sample of each row's softmax at `temperature`, cut to its top-p nucleus (the most probable tokens
+    whose preceding mass is below top_p, as transformers' TopPLogitsWarper keeps them), drawn by the inverse
+    cumulative distribution: one float64 uniform u from the row's own generator per step, and the first token,
+    most probable first, whose cumulative probability exceeds u times the nucleus's mass. The scores it
+    returns leave that token the only one greedy decoding can pick.
 
-    def __init__(self, generators):
-        self.generators = generators
+    The nucleus is looked for among the `CANDIDATES` most probable tokens, a top-k, which costs far less than
+    sorting the vocabulary (docs/benchmarks.md, row 12); a row whose nucleus is larger sorts the whole of it.
+    tests/test_generation.py checks both paths against each other and against transformers' warpers."""
+    CANDIDATES = 1024
+
+    def __init__(self, generators, temperature, top_p):
+        self.generators, self.temperature, self.top_p = generators, temperature, top_p
 
     def __call__(self, input_ids, scores):
-        probs = torch.softmax(scores.float(), dim=-1)  # top-p's cut tokens are -inf: probability 0
-        cdf = probs.double().cumsum(dim=-1)
-        uniform = torch.cat([torch.rand(1, generator=g, dtype=torch.float64, device=g.device)
-                             for g in self.generators]).to(cdf.device)
-        token = torch.searchsorted(cdf, (uniform * cdf[:, -1]).unsqueeze(-1), right=True)
-        token = token.clamp(max=scores.shape[-1] - 1)
-        return torch.full_like(scores, -torch.inf).scatter_(-1, token, 0.0)
+        logits = scores.float() / self.temperature
+        log_total = logits.logsumexp(dim=-1, keepdim=True)
+        out = torch.full_like(scores, -torch.inf)
+        if self.top_p >= 1:  # the whole vocabulary, in token-id order: no sort needed
+            cdf = (logits - log_total).exp().double().cumsum(dim=-1)
+            every = torch.arange(logits.shape[-1], device=logits.device).expand_as(logits)
+            return self.draw(out, torch.arange(len(logits), device=logits.device), cdf, every)
+        top_logits, tokens = logits.topk(min(self.CANDIDATES, logits.shape[-1]), dim=-1)
+        cdf = (top_logits - log_total).exp().double().cumsum(dim=-1)
+        beyond = cdf[:, -1] < self.top_p  # rows whose nucleus reaches past the candidates
+        rows = (~beyond).nonzero()[:, 0]
+        self.draw(out, rows, cdf[rows], tokens[rows])
+        rows = beyond.nonzero()[:, 0]
+        if len(rows):
+            sorted_logits, sorted_tokens = logits[rows].sort(dim=-1, descending=True)
+            self.draw(out, rows, (sorted_logits - log_total[rows]).exp().double().cumsum(dim=-1), sorted_tokens)
+        return out
+
+    def draw(self, out, rows, cdf, tokens):
+        """Set out[row, its sample] = 0 for each of `rows`, whose `cdf` runs over its `tokens` in their order."""
+        if not len(rows):
+            return out
+        before = torch.cat([cdf.new_zeros(len(cdf), 1), cdf[:, :-1]], dim=-1)
+        mass = (cdf * (before < self.top_p)).max(dim=-1).values  # the cdf at the nucleus's last token
+        uniform = torch.cat([torch.rand(1, generator=self.generators[r], dtype=torch.float64,
+                                        device=self.generators[r].device) for r in rows.tolist()])
+        position = torch.searchsorted(cdf, (uniform.to(cdf.device) * mass).unsqueeze(-1), right=True)
+        out[rows, tokens.gather(-1, position.clamp(max=cdf.shape[-1] - 1))[:, 0]] = 0.0
+        return out
 
 
 def finishes(model, tokenizer, output):

@@ -8,6 +8,8 @@ can fix (a missing package, a model without a chat template) raise ModelError wi
 import functools
 import importlib.util
 import os
+import platform
+import subprocess
 from pathlib import Path
 
 import torch
@@ -131,9 +133,42 @@ def default_device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def default_dtype(device):
-    """--dtype when not given: bf16 on CUDA, fp32 elsewhere."""
-    return "bf16" if device.type == "cuda" else "fp32"
+def default_dtype(device, cpu_flags=None):
+    """--dtype when not given, and why: bf16 on CUDA and on a CPU that computes bf16 natively (native_bf16 of
+    `cpu_flags`, default: what this CPU reports), fp32 elsewhere. bf16 means bf16 autocast over float32 weights."""
+    if device.type == "cuda":
+        return "bf16", "CUDA"
+    native = native_bf16(cpu_reported_flags() if cpu_flags is None else cpu_flags)
+    if native:
+        return "bf16", f"this CPU computes bf16 natively ({', '.join(sorted(native))})"
+    return "fp32", "this CPU reports no native bf16 arithmetic"
+
+
+# CPU features that compute bf16 matrix products in hardware: x86's AVX512-BF16 and AMX (Intel Sapphire Rapids
+# and later, AMD Zen 4 and later), as Linux names them; Arm's BF16 extension ("bf16" on Linux, FEAT_BF16 on macOS).
+NATIVE_BF16 = {"avx512_bf16", "amx_bf16", "bf16", "FEAT_BF16"}
+
+
+def native_bf16(flags):
+    """The flags among `flags` that make bf16 matrix products native: empty where there are none."""
+    return set(flags) & NATIVE_BF16
+
+
+def cpu_reported_flags():
+    """The CPU's feature flags as the operating system reports them: /proc/cpuinfo on Linux, sysctl on macOS;
+    empty where neither answers. $CLAIR_APO_CPU_FLAGS, a space-separated list, replaces the report (the tests
+    set it empty, so that they compute in fp32 on any machine)."""
+    if "CLAIR_APO_CPU_FLAGS" in os.environ:
+        return set(os.environ["CLAIR_APO_CPU_FLAGS"].split())
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        lines = cpuinfo.read_text(errors="replace").splitlines()
+        return {flag for line in lines if line.split(":")[0].strip() in ("flags", "Features")
+                for flag in line.split(":", 1)[1].split()}
+    if platform.system() == "Darwin":
+        answer = subprocess.run(["sysctl", "-n", "hw.optional.arm.FEAT_BF16"], capture_output=True, text=True)
+        return {"FEAT_BF16"} if answer.stdout.strip() == "1" else set()
+    return set()
 
 
 def autocast(device, dtype):

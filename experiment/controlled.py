@@ -479,7 +479,7 @@ def answer_prompts(model_path, prompts, args):
     for start in range(0, len(prompts), args.gen_batch):
         batch = prompts[start:start + args.gen_batch]
         texts, reasons, counts = generate(model, tokenizer, [p["prompt"] for p in batch],
-                                          Decoding(args.max_tokens, dtype=default_dtype(model.device)))
+                                          Decoding(args.max_tokens, dtype=default_dtype(model.device)[0]))
         records += [{"id": p["id"], "answer": text, "finish_reason": reason, "tokens": count,
                      **grade(text, reason, p)} for p, text, reason, count in zip(batch, texts, reasons, counts)]
     return records

@@ -1,6 +1,7 @@
 """Shared test fixtures: the tiny random Llama of testbed.py, a fresh reference cache, and the real reviser replies."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,10 @@ import pytest
 from benchmarks.testbed import make_tiny_model
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+# The CPU's report of native bf16, forced empty: every test computes in fp32 unless it asks for bf16, on any
+# machine. Set before any test runs, so train.py's subprocesses (torchrun) inherit it.
+os.environ["CLAIR_APO_CPU_FLAGS"] = ""
 
 
 @pytest.fixture(scope="session")

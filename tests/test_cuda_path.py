@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("flags", [["--dtype", "fp32"], []])
 def test_flash_attention_without_bf16_is_refused_in_one_line(flags, capsys):
     with pytest.raises(SystemExit):
-        train.parse_args(["--attn-implementation", "flash_attention_2", *flags])  # on this CPU the default is fp32
+        train.parse_args(["--attn-implementation", "flash_attention_2", *flags])  # no native bf16 reported: fp32
     assert "flash_attention_2 computes in bf16 or fp16 only: add --dtype bf16" in capsys.readouterr().err
 
 
@@ -110,3 +110,24 @@ def test_bench_counts_block_head_and_attention_flops():
     assert dict(bench.DENSE_BF16_FLOPS)["H100 PCIe"] == 756e12
     card_peak = lambda card: next(flops for name, flops in bench.DENSE_BF16_FLOPS if name in card)
     assert card_peak("NVIDIA H100 PCIe") == 756e12 and card_peak("NVIDIA H100 80GB HBM3") == 989e12
+
+
+@pytest.mark.parametrize("flags, dtype", [({"fpu", "avx512f", "avx512_bf16"}, "bf16"), ({"amx_bf16", "amx_tile"}, "bf16"),
+                                          ({"fp", "asimd", "bf16"}, "bf16"), ({"fpu", "avx2", "avx512f"}, "fp32"),
+                                          (set(), "fp32")])
+def test_the_default_dtype_follows_what_the_cpu_reports(flags, dtype):
+    chosen, why = models.default_dtype(torch.device("cpu"), cpu_flags=flags)
+    assert chosen == dtype and (("natively" in why) == (dtype == "bf16")), why
+    assert models.default_dtype(torch.device("cuda"), cpu_flags=set())[0] == "bf16"
+
+
+def test_train_says_which_dtype_it_chose_and_why(tmp_path, tiny_model, ref_cache, monkeypatch, capsys):
+    data = write_jsonl(tmp_path / "train.jsonl", arithmetic_pairs(4))
+    common = ["--model", tiny_model, "--data", data, "--eval-data", data, "--max-steps", "1", "--batch-size", "2"]
+    for reported, line in (("avx2", "dtype: fp32 (this CPU reports no native bf16 arithmetic)"),
+                           ("avx512f avx512_bf16", "dtype: bf16 (this CPU computes bf16 natively (avx512_bf16))")):
+        monkeypatch.setenv("CLAIR_APO_CPU_FLAGS", reported)
+        train.main([*common, "--out", str(tmp_path / reported.split()[-1])])
+        assert line in capsys.readouterr().out
+    train.main([*common, "--out", str(tmp_path / "given"), "--dtype", "fp32"])
+    assert "dtype: fp32 (--dtype)" in capsys.readouterr().out
