@@ -69,9 +69,9 @@ def setup(args, device):
     disable_dropout(model)
     rows, _ = preference_data.load_pairs(ROOT / "data" / "clair_train.jsonl")
     pairs, _ = tokenize_pairs(tokenizer, rows, 512, 192)
-    optimizer, _ = train.make_optimizer(model, train_args(default_dtype(device)[0]), total_steps=1)
+    optimizer, _ = train.make_optimizer(model, train_args(args.dtype), total_steps=1)
     batches = train_batches(len(pairs), args.batch_size, 0, 0)
-    batching = choose_batching(model, pairs, batches[0], "auto", device, default_dtype(device)[0])
+    batching = choose_batching(model, pairs, batches[0], "auto", device, args.dtype)
     return tokenizer, model, pairs, optimizer, batches, batching
 
 
@@ -127,7 +127,7 @@ def seconds_of(fn):
 
 def bench_training(args, device):
     tokenizer, model, pairs, optimizer, batches, batching = setup(args, device)
-    dtype = default_dtype(device)[0]
+    dtype = args.dtype
     step = batches[:args.grad_accum]
     ref = initial_logps(model, pairs, sorted(i for b in step for i in b), device, dtype, batching)
     log = open(Path(tempfile.mkdtemp()) / "metrics.jsonl", "w")
@@ -228,7 +228,7 @@ def child(args, mode):
     device = torch.device(args.device)
     libraries = resident_memory(device)
     tokenizer, model, pairs, optimizer, batches, batching = setup(args, device)
-    dtype = default_dtype(device)[0]
+    dtype = args.dtype
     if args.checkpointing != "none":
         enable_checkpointing(model, args.checkpointing)
     if args.head == "whole":
@@ -238,8 +238,10 @@ def child(args, mode):
         pairs = random_pairs(args.batch_size, model.config.vocab_size)
         step = [list(range(len(pairs)))]
         ref = initial_logps(model, pairs, step[0], device, dtype, batching)
-        seconds = timed(lambda: train_step(model, optimizer, train.PairSet(pairs, ref), step, batching, dtype), args.repeats)
-        return f"{pair_tokens(pairs)} {pair_tokens(pairs) / seconds} {peak_memory(device)} {floor_memory(libraries, model)}"
+        one_step = lambda: train_step(model, optimizer, train.PairSet(pairs, ref), step, batching, dtype)
+        one_step()  # warm-up
+        speeds = [pair_tokens(pairs) / seconds_of(one_step) for _ in range(args.repeats)]
+        return f"{pair_tokens(pairs)} {spread(speeds)} {peak_memory(device)} {floor_memory(libraries, model)}"
     reference = None
     if mode == "live":
         _, reference = load_model(model_path(args), device)
@@ -302,19 +304,34 @@ def trl_child(args):
     config = DPOConfig(output_dir=tempfile.mkdtemp(), loss_type="apo_zero", beta=0.1, learning_rate=1e-7,
                        per_device_train_batch_size=len(pairs), max_steps=1 + args.repeats, max_length=None,
                        precompute_ref_log_probs=True, gradient_checkpointing=args.checkpointing == "full",
-                       bf16=device.type == "cuda", use_cpu=device.type == "cpu", report_to="none",
+                       bf16=args.dtype == "bf16", use_cpu=device.type == "cpu", report_to="none",
                        save_strategy="no", logging_steps=1, dataloader_num_workers=0, seed=0)
     TokenIds(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
              callbacks=[StepTime()]).train()
-    tokens_per_s = pair_tokens(pairs) * args.repeats / sum(seconds[1:])
-    return f"{pair_tokens(pairs)} {tokens_per_s} {peak_memory(device)} {floor_memory(libraries, model)}"
+    speeds = [pair_tokens(pairs) / t for t in seconds[1:]]
+    return f"{pair_tokens(pairs)} {spread(speeds)} {peak_memory(device)} {floor_memory(libraries, model)}"
+
+
+def spread(speeds):
+    """'median min max' of step speeds, as a child prints them."""
+    return f"{statistics.median(speeds)} {min(speeds)} {max(speeds)}"
+
+
+Measured = collections.namedtuple("Measured", "tokens speed slowest fastest peak floor")  # a 'scale' or 'trl' child's
+
+
+def measured_step(args, mode, batch_size, checkpointing="none", head="fused", model=None):
+    """A 'scale' or 'trl' child's Measured: tokens, median, slowest and fastest tokens/s, peak memory, floor;
+    None when the out-of-memory killer stopped it."""
+    values = in_child(args, mode, batch_size, checkpointing, head, model)
+    return None if values is None else Measured(*values)
 
 
 def in_child(args, mode, batch_size, checkpointing="none", head="fused", model=None):
     """The numbers child(args, mode) prints, from a fresh process, on --model or `model` (a path)."""
     command = [sys.executable, "-m", "benchmarks.bench", "--child", mode, "--model", model or args.model, "--device", args.device,
                "--batch-size", str(batch_size), "--checkpointing", checkpointing, "--head", head,
-               "--repeats", str(args.repeats)]
+               "--repeats", str(args.repeats), "--dtype", args.dtype]
     command += ["--tiny"] if args.tiny and model is None else []
     result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     if result.returncode == -signal.SIGKILL:
@@ -341,11 +358,11 @@ def bench_memory(args, weight_bytes):
 def bench_scaling(args):
     """Row 7: one micro-batch of 4, 8 and 16 random pairs (up to 512 tokens a pair), each in a fresh process."""
     gib = 2 ** 30
-    measured = {n: in_child(args, "scale", n) for n in (4, 8, 16)}
-    for n, (tokens, tokens_per_s, peak, _) in measured.items():
-        row(f"7. {n} random pairs per micro-batch ({tokens:.0f} tokens)", f"{tokens_per_s:.0f} tokens/s, "
-            f"peak {peak / gib:.2f} GiB")
-    (tokens_4, speed_4, peak_4, _), (tokens_16, speed_16, peak_16, _) = measured[4], measured[16]
+    measured = {n: measured_step(args, "scale", n) for n in (4, 8, 16)}
+    for n, step in measured.items():
+        row(f"7. {n} random pairs per micro-batch ({step.tokens:.0f} tokens)", f"{step.speed:.0f} tokens/s, "
+            f"peak {step.peak / gib:.2f} GiB")
+    (tokens_4, speed_4, peak_4), (tokens_16, speed_16, peak_16) = (measured[n][:2] + measured[n][4:5] for n in (4, 16))
     row("7. tokens/s at 16 pairs / at 4 pairs", f"{speed_16 / speed_4:.2f}x", ">= 0.90x", speed_16 / speed_4 >= 0.9)
     row("7. peak memory growth / token growth, 4 to 16 pairs", f"{peak_16 / peak_4:.2f}x / {tokens_16 / tokens_4:.2f}x",
         "memory <= tokens", peak_16 / peak_4 <= tokens_16 / tokens_4)
@@ -353,32 +370,39 @@ def bench_scaling(args):
 
 def bench_peer(args):
     """Rows 8: this project's step and TRL's DPOTrainer's (trl_child) on the same random pairs, --peer-pairs a
-    micro-batch, each in a fresh process; checkpointing off on both, full on both, and this project's selective.
-    A child the out-of-memory killer stops is reported as such."""
-    gib = 2 ** 30
-    for n in args.peer_pairs:
-        ours = {which: in_child(args, "scale", n, which) for which in ("none", "selective", "full")}
-        for which in ("none", "full"):
-            tokens, speed, peak, floor = ours[which]
-            setting = "off" if which == "none" else "full"
-            label = (f"8. {n} random pairs ({tokens:.0f} tokens), checkpointing {setting} on both: this project / "
-                     f"TRL {version('trl')}")
-            theirs = in_child(args, "trl", n, which)
-            if theirs is None:
-                row(label, f"{speed:.0f} tokens/s, peak {peak / gib:.2f} GiB / TRL killed out of memory "
-                    f"({total_memory() / gib:.1f} GiB machine)", ">= 1.5x speed, <= 0.5x memory")
-                continue
-            _, trl_speed, trl_peak, trl_floor = theirs
-            row(label, f"{speed:.0f} / {trl_speed:.0f} tokens/s = {speed / trl_speed:.2f}x; peak {peak / gib:.2f} / "
-                f"{trl_peak / gib:.2f} GiB = {peak / trl_peak:.2f}x", ">= 1.5x speed, <= 0.5x memory",
-                speed >= 1.5 * trl_speed and peak <= 0.5 * trl_peak)
-            row(f"8. {n} random pairs, checkpointing {setting}: floor (floor_memory) / peak above it, this project / TRL",
-                f"floor {floor / gib:.2f} / {trl_floor / gib:.2f} GiB; above it {(peak - floor) / gib:.2f} / "
-                f"{(trl_peak - trl_floor) / gib:.2f} GiB = {(peak - floor) / (trl_peak - trl_floor):.2f}x; "
-                f"0.5x TRL's peak leaves {(0.5 * trl_peak - floor) / gib:.2f} GiB above this project's floor")
-        (_, plain_speed, plain_peak, _), (_, speed, peak, _) = ours["none"], ours["selective"]
-        row(f"8. {n} random pairs, this project's selective checkpointing / none",
-            f"{speed / plain_speed:.2f}x tokens/s, {peak / plain_peak:.2f}x peak ({peak / gib:.2f} GiB)")
+    micro-batch, each in a fresh process, in each of --peer-dtypes on both sides; checkpointing off on both,
+    full on both, and this project's selective. Speeds are the median of --repeats timed steps, with the
+    slowest and fastest. A child the out-of-memory killer stops is reported as such."""
+    for dtype in args.peer_dtypes:
+        child_args = argparse.Namespace(**{**vars(args), "dtype": dtype})
+        for n in args.peer_pairs:
+            ours = {which: measured_step(child_args, "scale", n, which) for which in ("none", "selective", "full")}
+            for which in ("none", "full"):
+                peer_row(ours[which], measured_step(child_args, "trl", n, which), n, which, dtype)
+            plain, selective = ours["none"], ours["selective"]
+            row(f"8. {n} random pairs, {dtype}, this project's selective checkpointing / none",
+                f"{selective.speed / plain.speed:.2f}x tokens/s, {selective.peak / plain.peak:.2f}x peak "
+                f"({selective.peak / 2 ** 30:.2f} GiB)")
+
+
+def peer_row(ours, theirs, n, which, dtype):
+    """Two rows 8 for one setting: speed and peak against TRL's, then each side's floor and the peak above it."""
+    gib, setting = 2 ** 30, "off" if which == "none" else "full"
+    label = f"8. {n} random pairs ({ours.tokens:.0f} tokens), {dtype}, checkpointing {setting} on both: this " \
+            f"project / TRL {version('trl')}"
+    speed = f"{ours.speed:.0f} ({ours.slowest:.0f}-{ours.fastest:.0f})"
+    if theirs is None:
+        row(label, f"{speed} tokens/s, peak {ours.peak / gib:.2f} GiB / TRL killed out of memory "
+            f"({total_memory() / gib:.1f} GiB machine)", ">= 1.5x speed, <= 0.5x memory above the floor")
+        return
+    above, trl_above = ours.peak - ours.floor, theirs.peak - theirs.floor
+    row(label, f"{speed} / {theirs.speed:.0f} ({theirs.slowest:.0f}-{theirs.fastest:.0f}) tokens/s = "
+        f"{ours.speed / theirs.speed:.2f}x; peak {ours.peak / gib:.2f} / {theirs.peak / gib:.2f} GiB = "
+        f"{ours.peak / theirs.peak:.2f}x", ">= 1.5x speed, <= 0.5x memory above the floor",
+        ours.speed >= 1.5 * theirs.speed and above <= 0.5 * trl_above)
+    row(f"8. {n} random pairs, {dtype}, checkpointing {setting}: floor (floor_memory) / peak above it, this "
+        f"project / TRL", f"floor {ours.floor / gib:.2f} / {theirs.floor / gib:.2f} GiB; above it "
+        f"{above / gib:.2f} / {trl_above / gib:.2f} GiB = {above / trl_above:.2f}x")
 
 
 def total_memory():
@@ -392,10 +416,10 @@ def bench_vocabulary(args):
     gib, vocab = 2 ** 30, 8192 if args.tiny else 262_144
     folder = make_tiny_model(Path(tempfile.mkdtemp()) / "vocab", vocab_size=vocab, hidden_size=64,
                              intermediate_size=128)
-    (tokens, whole_speed, whole_peak, _), (_, speed, peak, _) = (in_child(args, "scale", 8, head=head, model=folder)
-                                                           for head in ("whole", "fused"))
-    row(f"9. {vocab:,}-token vocabulary, 8 random pairs ({tokens:.0f} tokens): LM head fused / whole at targets",
-        f"{speed:.0f} / {whole_speed:.0f} tokens/s = {speed / whole_speed:.2f}x; peak {peak / gib:.2f} / "
+    whole, fused = (measured_step(args, "scale", 8, head=head, model=folder) for head in ("whole", "fused"))
+    tokens, whole_speed, whole_peak, speed, peak = whole.tokens, whole.speed, whole.peak, fused.speed, fused.peak
+    row(f"9. {vocab:,}-token vocabulary, 8 random pairs ({tokens:.0f} tokens): LM head fused / the definition "
+        f"(logits at every position)", f"{speed:.0f} / {whole_speed:.0f} tokens/s = {speed / whole_speed:.2f}x; peak {peak / gib:.2f} / "
         f"{whole_peak / gib:.2f} GiB = {peak / whole_peak:.2f}x", ">= 0.95x speed, <= 0.5x memory",
         speed >= 0.95 * whole_speed and peak <= 0.5 * whole_peak)
 
@@ -620,6 +644,9 @@ def main():
     p.add_argument("--peer", choices=["trl"], help="also rows 8: TRL's DPOTrainer on the same pairs (pip install trl)")
     p.add_argument("--peer-pairs", type=lambda text: [int(n) for n in text.split(",")], default=[4, 16],
                    help="rows 8's micro-batch sizes, in pairs")
+    p.add_argument("--peer-dtypes", type=lambda text: text.split(","), default=["fp32", "bf16"],
+                   help="rows 8's compute dtypes, on both sides")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], help="every other row's compute dtype (default: train.py's)")
     p.add_argument("--rows", type=lambda text: {int(n) for n in text.split(",")}, default=set(range(1, 13)),
                    help="the row groups to run, e.g. 5,8,9 (default: all; 6 is --gpu's)")
     p.add_argument("--gen-prompts", type=int, default=100, help="row 12's prompts, generated in one batch")
@@ -628,6 +655,7 @@ def main():
     p.add_argument("--head", choices=["fused", "whole"], default="fused", help=argparse.SUPPRESS)
     args = p.parse_args()
     device = torch.device(args.device)
+    args.dtype = args.dtype or default_dtype(device)[0]
     if args.peer and importlib.util.find_spec(args.peer) is None:
         sys.exit(f"--peer {args.peer} runs TRL's DPOTrainer beside this project: pip install {args.peer}")
     if args.child:
