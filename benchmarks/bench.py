@@ -354,12 +354,12 @@ def bench_scaling(args):
 
 def bench_peer(args):
     """Rows 8: this project's step and TRL's DPOTrainer's (trl_child) on the same random pairs, --peer-pairs a
-    micro-batch, each in a fresh process; checkpointing off on both, full on both, and this project's selective.
-    A child the out-of-memory killer stops is reported as such."""
+    micro-batch, each in a fresh process; for each --peer-checkpointing setting, checkpointing off on both, full on
+    both, and this project's selective against none. A child the out-of-memory killer stops is reported as such."""
     gib = 2 ** 30
     for n in args.peer_pairs:
-        ours = {which: in_child(args, "scale", n, which) for which in ("none", "selective", "full")}
-        for which in ("none", "full"):
+        ours = {which: in_child(args, "scale", n, which) for which in args.peer_checkpointing}
+        for which in [which for which in ("none", "full") if which in ours]:  # the settings TRL has
             tokens, speed, peak, floor = ours[which]
             setting = "off" if which == "none" else "full"
             label = (f"8. {n} random pairs ({tokens:.0f} tokens), checkpointing {setting} on both: this project / "
@@ -377,6 +377,8 @@ def bench_peer(args):
                 f"floor {floor / gib:.2f} / {trl_floor / gib:.2f} GiB; above it {(peak - floor) / gib:.2f} / "
                 f"{(trl_peak - trl_floor) / gib:.2f} GiB = {(peak - floor) / (trl_peak - trl_floor):.2f}x; "
                 f"0.5x TRL's peak leaves {(0.5 * trl_peak - floor) / gib:.2f} GiB above this project's floor")
+        if not {"none", "selective"} <= ours.keys():
+            continue
         (_, plain_speed, plain_peak, _), (_, speed, peak, _) = ours["none"], ours["selective"]
         row(f"8. {n} random pairs, this project's selective checkpointing / none",
             f"{speed / plain_speed:.2f}x tokens/s, {peak / plain_peak:.2f}x peak ({peak / gib:.2f} GiB)")
@@ -608,7 +610,8 @@ def gpu_row(label, model, card, pairs, device, repeats):
     ref = initial_logps(model, pairs, step[0], device, "bf16", batching)
     seconds = timed(lambda: train_step(model, optimizer, train.PairSet(pairs, ref), step, batching, "bf16"), repeats)
     flops, tokens = step_flops(model, pairs) / seconds, pair_tokens(pairs)
-    lengths = "1,024-token" if len({len(p["prompt"]) + len(p["chosen"]) for p in pairs}) == 1 else "unequal"
+    equal = all(len(p["prompt"]) + len(p[side]) == 1024 for p in pairs for side in ("chosen", "rejected"))
+    lengths = "1,024-token" if equal else "unequal"
     name = f"6. {label} on {card.name}, bf16, {len(pairs)} pairs of {lengths} sequences, {batching.description.split(',')[0]}"
     big = sum(p.numel() for p in model.parameters()) >= 1e9 and card.datasheet is not None
     mfu = flops / card.datasheet if card.datasheet else None
@@ -676,6 +679,8 @@ def main():
     p.add_argument("--peer", choices=["trl"], help="also rows 8: TRL's DPOTrainer on the same pairs (pip install trl)")
     p.add_argument("--peer-pairs", type=lambda text: [int(n) for n in text.split(",")], default=[4, 16],
                    help="rows 8's micro-batch sizes, in pairs")
+    p.add_argument("--peer-checkpointing", type=lambda text: text.split(","), default=["none", "selective", "full"],
+                   help="rows 8's checkpointing settings, of none, selective and full (default: all three)")
     p.add_argument("--rows", type=lambda text: {int(n) for n in text.split(",")}, default=set(range(1, 13)),
                    help="the row groups to run, e.g. 5,8,9 (default: all; 6 is --gpu's)")
     p.add_argument("--gen-prompts", type=int, default=100, help="row 12's prompts, generated in one batch")

@@ -259,8 +259,9 @@ def main(argv=None):
             if (args.wheels / "SmolLM2-135M-Instruct").is_dir():
                 shutil.copytree(args.wheels / "SmolLM2-135M-Instruct", scratch / "wheels" / "SmolLM2-135M-Instruct")
             wheels = scratch / "wheels"
+        started = time.time()
         rows = install(wheels, scratch / "site")
-        results["parts"]["install"] = result(status(rows), 0, INSTALL_LIMIT, rows)
+        results["parts"]["install"] = result(status(rows), time.time() - started, INSTALL_LIMIT, rows)
         write_results(args.out, results)
         env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(scratch / "site"), str(ROOT),
                                                                          os.environ.get("PYTHONPATH")]))}

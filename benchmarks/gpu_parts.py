@@ -160,6 +160,9 @@ def part_environment(ctx):
     yield row("versions", f"Python {sys.version.split()[0]}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
               + ", ".join(f"{name} {version_of(name)}" for name in ("transformers", "tokenizers", "accelerate",
                                                                       "safetensors", "trl", "flash-attn")))
+    import transformers
+
+    yield row("transformers imported from", str(Path(transformers.__file__).parent))
     yield carried_row(ctx.site)
     rate = matmul_flops(ctx.device, size=8192 if ctx.device.type == "cuda" else 256)
     datasheet = next((flops for name, flops in DENSE_BF16_FLOPS if name in card), None)
@@ -196,11 +199,17 @@ def carried_row(site):
 
 # ----------------------------------------------------------------------------- logprobs and cache_key
 
-def clair_pairs(tokenizer, count):
-    """The first `count` bundled CLAIR pairs that survive train.py's truncation, as token ids."""
+def clair_pairs(tokenizer, count, targets=0):
+    """The first bundled CLAIR pairs that survive train.py's truncation, as token ids: `count` of them, more
+    where their completions hold fewer than `targets` tokens."""
     rows, _ = load_pairs(BUNDLED_TRAIN)
-    pairs, _ = tokenize_pairs(tokenizer, rows[:4 * count], MAX_LENGTH, MAX_PROMPT_LENGTH)
-    return pairs[:count]
+    pairs, _ = tokenize_pairs(tokenizer, rows, MAX_LENGTH, MAX_PROMPT_LENGTH)
+    taken = []
+    for pair in pairs:
+        if len(taken) >= count and sum(len(p["chosen"]) + len(p["rejected"]) for p in taken) >= targets:
+            break
+        taken.append(pair)
+    return taken
 
 
 def with_bf16_parameters(model):
@@ -281,7 +290,7 @@ def part_logprobs(ctx):
     for label, path in models(ctx).items():
         tokenizer, model = load_model(path, ctx.device)
         disable_dropout(model)
-        pairs = clair_pairs(tokenizer, ctx.sizes.pairs)
+        pairs = clair_pairs(tokenizer, ctx.sizes.pairs, targets=512)
         modes = {"fp32, TF32 off": (model, "fp32"), "bf16 autocast": (model, "bf16"),
                  "bf16 parameters (FSDP's)": (with_bf16_parameters(model), "bf16")}
         for mode, (computing, dtype) in modes.items():
@@ -536,15 +545,16 @@ def part_bench(ctx):
 
 
 def part_trl(ctx):
-    """bench.py's rows 8 where trl imports: this project's step against TRL's DPOTrainer, 4 pairs."""
+    """bench.py's rows 8 where trl imports: this project's step against TRL's DPOTrainer, 4 pairs, checkpointing
+    off on both."""
     try:
         importlib.import_module("trl")
     except Exception as e:  # not carried, or a dependency the GPU machine lacks
         yield row("TRL's DPOTrainer side by side", f"skipped: trl does not import ({type(e).__name__}: {e})"[:300])
         return
     tiny = ["--tiny"] if "--tiny" in ctx.sizes.bench else []
-    yield from bench_rows(["--peer", "trl", "--rows", "8", "--peer-pairs", "4", "--model", ctx.smollm2(), *tiny],
-                          "8.", ctx)
+    yield from bench_rows(["--peer", "trl", "--rows", "8", "--peer-pairs", "4", "--peer-checkpointing", "none",
+                           "--model", ctx.smollm2(), *tiny], "8.", ctx)
 
 
 PARTS = {"environment": part_environment, "logprobs": part_logprobs, "cache_key": part_cache_key,
