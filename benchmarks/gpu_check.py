@@ -1,7 +1,7 @@
 """The GPU check as one bounded, offline run: install the carried wheels, run each part under its own time limit,
 and write the log, a table and a JSON of results to --out as each part ends.
 
-    python -m benchmarks.gpu_check --out OUT                   # on the GPU machine, .whl/ beside the code: 8 minutes at most
+    python -m benchmarks.gpu_check --out OUT                   # the GPU machine, .whl/ carried: 8 minutes at most
     python -m benchmarks.gpu_check --out OUT --rerun-failed    # again, only the parts OUT/results.json has failed
     python -m benchmarks.gpu_check --out OUT --only bench,trl  # only those parts
     python -m benchmarks.gpu_check --dry-run --out OUT         # the same parts in miniature on a CPU
@@ -130,8 +130,7 @@ def run_parts(parts, flags, env, log, deadline):
     while remaining:
         if deadline - time.time() < 5:
             for part in remaining:
-                yield part, result("not run", 0, 0, [row(part, f"not run: the {BUDGET} s budget is spent",
-                                                         "", False)])
+                yield part, result("not run", 0, 0, [row(part, "not run: the --budget is spent", "", False)])
             return
         worker = Worker(remaining, flags, env, log.echo)
         current, started, rows, limit = None, time.time(), [], STARTUP
@@ -141,6 +140,8 @@ def run_parts(parts, flags, env, log, deadline):
             except queue.Empty:
                 event = {"event": "tick"}
             elapsed = time.time() - started
+            if event["event"] == "start" and deadline - time.time() < 5:
+                break  # the loop above records this part and the rest as not run
             if event["event"] == "start":
                 current, started, rows = event["part"], time.time(), []
                 limit = min(PARTS[current], max(0, deadline - time.time()))

@@ -28,6 +28,7 @@ import copy
 import functools
 import importlib
 import importlib.metadata
+import importlib.util
 import json
 import math
 import os
@@ -35,7 +36,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 import traceback
 import warnings
 from contextlib import contextmanager
@@ -432,8 +432,8 @@ def metrics_gap(a, b):
 
 def done_row(check, status, output, steps):
     done = status == 0 and f"done: {steps} steps" in output
-    why = "" if done else next((line for line in reversed(output.splitlines()) if re.match(r"(error: |\w*Error)", line)),
-                              output.strip().splitlines()[-1] if output.strip() else "no output")
+    lines = output.strip().splitlines() or ["no output"]
+    why = next((line for line in reversed(lines) if re.match(r"(error: |\w*Error)", line)), lines[-1])
     return row(check, f"done: {steps} steps" if done else f"exit {status}: {why[:200]}", "exits 0", done)
 
 

@@ -89,6 +89,16 @@ def test_a_part_past_its_limit_is_killed_with_its_children_and_the_next_parts_ru
     assert not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2]
 
 
+def test_parts_after_the_budget_are_not_run(tmp_path, monkeypatch):
+    (tmp_path / "fake_worker.py").write_text(textwrap.dedent(FAKE_WORKER))
+    monkeypatch.setattr(gpu_check, "WORKER", "fake_worker")
+    monkeypatch.setattr(gpu_check, "PARTS", {"first": 5, "hang": 60, "last": 5})
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    outcomes = dict(gpu_check.run_parts(["first", "hang", "last"], ["--pids", str(tmp_path / "pids")], env,
+                                        gpu_check.Log(tmp_path / "log"), deadline=time.time() + 8))
+    assert [o["status"] for o in outcomes.values()] == ["passed", "timed out", "not run"]
+
+
 def test_rerun_failed_selects_the_parts_not_passed(tmp_path):
     previous = {"parts": {part: {"status": "passed"} for part in gpu_check.PARTS}}
     previous["parts"]["ddp"]["status"] = "timed out"
