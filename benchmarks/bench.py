@@ -317,9 +317,12 @@ def in_child(args, mode, batch_size, checkpointing="none", head="fused", model=N
                "--batch-size", str(batch_size), "--checkpointing", checkpointing, "--head", head,
                "--repeats", str(args.repeats)]
     command += ["--tiny"] if args.tiny and model is None else []
-    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    path = os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(ROOT)]))  # packages installed to a folder
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": path})
     if result.returncode == -signal.SIGKILL:
         return None  # the kernel's out-of-memory killer: the step did not fit in this machine's memory
+    if result.returncode:
+        print(result.stderr[-3000:], file=sys.stderr)  # the child's own error, for the log
     result.check_returncode()
     return [float(x) for x in result.stdout.strip().splitlines()[-1].split()]
 
