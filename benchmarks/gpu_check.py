@@ -103,11 +103,13 @@ class Worker:
         self.reader.start()
 
     def read(self, echo):
+        self.last_line = ""
         for line in self.process.stdout:
             if line.startswith(MARK):
                 self.events.put(json.loads(line[len(MARK):]))
             else:
                 echo(line)
+                self.last_line = line.strip() or self.last_line
         self.events.put({"event": "exit"})
 
     def stop(self):
@@ -155,14 +157,20 @@ def run_parts(parts, flags, env, log, deadline):
                 current, started, limit = None, time.time(), STARTUP
                 if not remaining:
                     break
+            elif current is None and (event["event"] == "exit" or elapsed > limit):  # nor would another start
+                worker.stop()
+                why = (f"the worker began no part within {STARTUP} s" if elapsed > limit else
+                       f"the worker exited with status {worker.process.wait()}: {worker.last_line[:200]}")
+                for part in remaining:
+                    yield part, result("failed", 0, 0, [row(part, why, "", False)])
+                return
             elif event["event"] == "exit" or elapsed > limit:
                 worker.stop()
                 why = (f"timed out after {limit:.0f} s" if elapsed > limit else
-                       f"the worker exited with status {worker.process.wait()}")
-                failed = current or remaining[0]  # a worker that dies before its first part fails that part
-                remaining.remove(failed)
-                yield failed, result("timed out" if elapsed > limit else "failed", elapsed, limit,
-                                     rows + [row(failed, why, "", False)])
+                       f"the worker exited with status {worker.process.wait()}: {worker.last_line[:200]}")
+                remaining.remove(current)
+                yield current, result("timed out" if elapsed > limit else "failed", elapsed, limit,
+                                      rows + [row(current, why, "", False)])
                 break
         worker.stop()
 

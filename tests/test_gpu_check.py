@@ -99,6 +99,16 @@ def test_parts_after_the_budget_are_not_run(tmp_path, monkeypatch):
     assert [o["status"] for o in outcomes.values()] == ["passed", "timed out", "not run"]
 
 
+def test_a_worker_that_cannot_start_fails_every_part_once_with_its_reason(tmp_path, monkeypatch):
+    (tmp_path / "broken_worker.py").write_text("import sys\nsys.exit('error: no CUDA device')\n")
+    monkeypatch.setattr(gpu_check, "WORKER", "broken_worker")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    outcomes = dict(gpu_check.run_parts(["environment", "logprobs"], [], env, gpu_check.Log(tmp_path / "log"),
+                                        deadline=time.time() + 60))
+    assert [o["status"] for o in outcomes.values()] == ["failed", "failed"]
+    assert outcomes["logprobs"]["rows"][0]["value"] == "the worker exited with status 1: error: no CUDA device"
+
+
 def test_rerun_failed_selects_the_parts_not_passed(tmp_path):
     previous = {"parts": {part: {"status": "passed"} for part in gpu_check.PARTS}}
     previous["parts"]["ddp"]["status"] = "timed out"
