@@ -38,7 +38,7 @@ STARTUP = 120  # seconds a worker may take to import torch and transformers and 
 WORKER = "benchmarks.gpu_parts"  # the module a worker runs
 
 # The parts in their order, each with its limit in seconds: what each measures is in gpu_parts.py.
-PARTS = {"environment": 20, "logprobs": 60, "cache_key": 30, "syncs": 25, "generation": 20, "train": 80, "ddp": 35,
+PARTS = {"environment": 20, "logprobs": 55, "cache_key": 35, "syncs": 25, "generation": 20, "train": 80, "ddp": 35,
          "fsdp_resume": 75, "bench": 60, "trl": 70}
 INSTALL_LIMIT = 60
 
