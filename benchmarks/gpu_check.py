@@ -41,6 +41,7 @@ WORKER = "benchmarks.gpu_parts"  # the module a worker runs
 PARTS = {"environment": 20, "logprobs": 55, "cache_key": 35, "syncs": 25, "generation": 20, "train": 80, "ddp": 35,
          "fsdp_resume": 75, "bench": 60, "trl": 70}
 INSTALL_LIMIT = 60
+DRY_SCALE = 3  # the dry run's limits and budget, times these: a shared 2-core CPU is no GPU
 
 
 # ----------------------------------------------------------------------------- the offline installation
@@ -74,7 +75,10 @@ def install(wheels, site):
     command = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
                "--no-cache-dir", "--upgrade", "--target", str(site), *map(str, found)]
     start = time.time()
-    result = subprocess.run(command, capture_output=True, text=True, timeout=INSTALL_LIMIT)
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=INSTALL_LIMIT)
+    except subprocess.TimeoutExpired:
+        return [row("pip install --no-index --no-deps --target", f"timed out after {INSTALL_LIMIT} s", "exits 0", False)]
     print(result.stdout + result.stderr, end="", flush=True)
     value = f"{len(found)} wheels into {site} in {time.time() - start:.0f} s: " + ", ".join(
         path.name.split("-")[0] for path in found)
@@ -126,8 +130,9 @@ class Worker:
                 continue
 
 
-def run_parts(parts, flags, env, log, deadline):
-    """Each of `parts` run by workers: yields (part, {status, seconds, limit_s, rows}) as each ends."""
+def run_parts(parts, flags, env, log, deadline, scale=1):
+    """Each of `parts` run by workers, each under its limit times `scale`: yields (part, {status, seconds,
+    limit_s, rows}) as each ends."""
     remaining = list(parts)
     while remaining:
         if deadline - time.time() < 5:
@@ -146,7 +151,7 @@ def run_parts(parts, flags, env, log, deadline):
                 break  # the loop above records this part and the rest as not run
             if event["event"] == "start":
                 current, started, rows = event["part"], time.time(), []
-                limit = min(PARTS[current], max(0, deadline - time.time()))
+                limit = min(scale * PARTS[current], max(0, deadline - time.time()))
                 log.echo(f"== {current}: limit {limit:.0f} s\n")
             elif event["event"] == "row":
                 rows.append(event["row"])
@@ -247,7 +252,8 @@ def main(argv=None):
     p.add_argument("--only", type=lambda text: text.split(","), help=f"comma-separated parts of: {', '.join(PARTS)}")
     p.add_argument("--rerun-failed", action="store_true", help="only the parts OUT/results.json has not passed; "
                    "their rows replace the old ones")
-    p.add_argument("--budget", type=float, default=BUDGET, help="seconds for the whole run (default: %(default)s)")
+    p.add_argument("--budget", type=float, default=BUDGET, help=f"seconds for the whole run (default: %(default)s; "
+                   f"the dry run's and its parts' limits are {DRY_SCALE} times theirs)")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     previous_file = args.out / "results.json"
@@ -256,7 +262,8 @@ def main(argv=None):
         parts = selected_parts(args, previous)
     except ValueError as e:
         sys.exit(f"error: {e}")
-    deadline = time.time() + args.budget
+    scale = DRY_SCALE if args.dry_run else 1
+    deadline = time.time() + scale * args.budget
     log = Log(args.out / "gpu_check.log")
     log.echo(f"gpu_check {'--dry-run ' if args.dry_run else ''}parts: {', '.join(parts) or 'none'}\n")
     results = {"dry_run": args.dry_run, "budget_s": args.budget, "parts": previous.get("parts", {})}
@@ -276,7 +283,7 @@ def main(argv=None):
                                                                          os.environ.get("PYTHONPATH")]))}
         flags = ["--work", str(scratch / "work"), "--wheels", str(wheels), "--site", str(scratch / "site"),
                  *(["--dry-run"] if args.dry_run else [])]
-        for part, outcome in run_parts(parts, flags, env, log, deadline):
+        for part, outcome in run_parts(parts, flags, env, log, deadline, scale):
             results["parts"][part] = outcome
             write_results(args.out, results)
             log.echo(f"== {part}: {outcome['status']} in {outcome['seconds']} s\n")
