@@ -197,7 +197,7 @@ def measure_pairs(model, rows, pairs, trl_columns, args, device):
         ref = torch.tensor([trl_columns[row["id"]] for row in rows], dtype=torch.float64)
         source = "the dataset's ref_chosen_logps and ref_rejected_logps columns"
     else:
-        mode = reference_cache.compute_mode(args.dtype, fsdp=False)
+        mode = reference_cache.compute_mode(args.dtype, fsdp=False, device=device)
         path = reference_cache.cache_file(reference_cache.weights_fingerprint(model, mode))
         ref = reference_cache.reference_logps(model, pairs, how, path)
         source = f"the reference cache ({reference_cache.FOLDER})"

@@ -138,7 +138,7 @@ def evaluate_pairs(args, device):
     pairs, tokenize_drops = tokenize_pairs(tokenizer, rows, args.max_length, args.max_prompt_length)
     if not pairs:
         raise preference_data.DataError(f"{args.data}: no pairs left after truncation")
-    mode = reference_cache.compute_mode(args.dtype, fsdp=False)
+    mode = reference_cache.compute_mode(args.dtype, fsdp=False, device=device)
     path = reference_cache.cache_file(reference_cache.weights_fingerprint(ref_model, mode))
     ref = reference_cache.reference_logps(ref_model, pairs, logprob_pass(args.ref, ref_model, pairs, args, device),
                                           path)

@@ -167,7 +167,7 @@ def tokenize_splits(tokenizer, splits, args):
 def prepare_model(model, args, device):
     """(model, fingerprint of the initial model): dropout off, wrapped for several processes."""
     disable_dropout(model)
-    mode = reference_cache.compute_mode(args.dtype, fsdp=sharded(args.fsdp))
+    mode = reference_cache.compute_mode(args.dtype, fsdp=sharded(args.fsdp), device=device)
     fingerprint = broadcast_object(reference_cache.weights_fingerprint(model, mode) if rank() == 0 else None)
     if args.gradient_checkpointing != "none":
         enable_checkpointing(model, args.gradient_checkpointing)

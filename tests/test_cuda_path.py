@@ -38,9 +38,11 @@ def test_a_missing_flash_attn_package_is_one_line(tiny_model):
 
 def test_the_fingerprint_names_the_compute_mode(tiny_model):
     _, model = models.load_model(tiny_model)
-    modes = {reference_cache.compute_mode(dtype, fsdp) for dtype in ("fp32", "bf16") for fsdp in (False, True)}
-    assert modes == {"fp32", "bf16", "bf16-fsdp"}  # FSDP in fp32 computes as one process does
-    assert len({reference_cache.weights_fingerprint(model, mode) for mode in modes}) == 3
+    modes = {reference_cache.compute_mode(dtype, fsdp, device) for dtype in ("fp32", "bf16") for fsdp in (False, True)
+             for device in ("cpu", torch.device("cuda", 0))}
+    # FSDP in fp32 computes as one process does; the CPU's names are the modes alone, as before the device counted
+    assert modes == {"fp32", "bf16", "bf16-fsdp", "fp32 on cuda", "bf16 on cuda", "bf16-fsdp on cuda"}
+    assert len({reference_cache.weights_fingerprint(model, mode) for mode in modes}) == 6
 
 
 def test_bf16_autocast_and_fsdp_bf16_parameters_keep_separate_caches(tmp_path, tiny_model):
