@@ -25,7 +25,6 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from apo import LOSSES
 from clair_apo import reference_cache
 from clair_apo.batching import pairs_trained, plan_steps
 from clair_apo.chat_tokens import tokenize_pairs
@@ -33,9 +32,10 @@ from clair_apo.checkpoints import checkpoint_to_resume, load_checkpoint, save_ch
 from clair_apo.distributed import (broadcast_object, log0, max_over_processes, rank, rank0_first, setup, sharded,
                                    sum_over_processes, teardown, world_size, wrap_model)
 from clair_apo.logprobs import LogprobPass, pairs_logps
-from clair_apo.metrics import METRICS, pair_metrics, pair_stats
+from clair_apo.metrics import METRICS, means, pair_metrics, pair_stats
 from clair_apo.models import (DEFAULT_MODEL, MAX_LENGTH, MAX_PROMPT_LENGTH, ModelError, autocast, default_device,
                               default_dtype, disable_dropout, enable_checkpointing, load_model, setting_error)
+from clair_apo.objective import SFT, TERMS, Objective, objective_error, sft_loss
 from clair_apo.packing import choose_batching
 from preference_data import BUNDLED_EVAL, BUNDLED_TRAIN, DataError, load_pairs, write_reference_logps
 
@@ -61,9 +61,12 @@ def add_data_flags(p):
 def add_training_flags(p):
     """The loss, the optimizer and the step plan."""
     p = p.add_argument_group("loss and optimizer")
-    p.add_argument("--loss", choices=sorted(LOSSES), default="apo_zero",
+    p.add_argument("--loss", nargs="+", choices=TERMS, default=["apo_zero"],
                    help="apo_zero when chosen answers beat the model's own (CLAIR), apo_down when the model's "
-                        "beat them; dpo to compare (default: apo_zero)")
+                        "beat them; dpo to compare; sft, alone or beside one of them, for TRL's SFT term: the "
+                        "chosen answers' mean token negative log-likelihood (default: apo_zero)")
+    p.add_argument("--loss-weights", nargs="+", type=float, default=None,
+                   help="one weight per --loss, e.g. --loss apo_zero sft --loss-weights 1.0 0.5 (default: 1 each)")
     p.add_argument("--beta", type=float, default=0.1, help="scale of the implicit reward beta * (log pi - log "
                    "pi_ref) (default: 0.1)")
     p.add_argument("--lr", type=float, default=5e-6, help="peak learning rate (default: 5e-6)")
@@ -121,7 +124,10 @@ def parse_args(argv=None):
         add_flags(p)
     args = p.parse_args(argv)
     args.dtype, args.dtype_source = (args.dtype, "--dtype") if args.dtype else default_dtype(default_device())
-    args.out = args.out or f"runs/{args.loss}"
+    if why := objective_error(args.loss, args.loss_weights):
+        p.error(why)
+    args.loss_weights = args.loss_weights or [1.0] * len(args.loss)
+    args.out = args.out or f"runs/{'+'.join(args.loss)}"
     if args.max_steps is None and args.data is None:
         args.max_steps = DEMO_STEPS
     if why := setting_error(args.max_length, args.max_prompt_length, args.attn_implementation, args.dtype):
@@ -232,11 +238,13 @@ def train_step(model, optimizer, step, *, data, batching, args):
     `batching` collates a micro-batch of `data` (a PairSet, its reference log-probs on the device) and
     computes its log-probs. Chosen and rejected of a micro-batch share one forward. The
     loss is the mean over the step's pairs on all processes, so 1 x 4 and 4 x 1 micro-batches give the same
-    update; DDP and FSDP average gradients over processes, hence the world_size(). Raises
-    FloatingPointError, before the update, when the loss or the gradient is not finite.
+    update; DDP and FSDP average gradients over processes, hence the world_size(). An SFT term divides by the
+    chosen completion tokens of the step on all processes (objective.py). Raises FloatingPointError, before the
+    update, when the loss or the gradient is not finite.
     """
-    loss_fn = LOSSES[args.loss]
+    objective = Objective.of(args)
     ref, device = data.ref_logps, data.ref_logps.device
+    chosen_tokens = chosen_tokens_in_step(data.tokens, step, device) if objective.sft else None
     totals = torch.zeros(len(METRICS), dtype=torch.float64, device=device)
     tokens, start = 0, time.time()
     ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
@@ -246,8 +254,11 @@ def train_step(model, optimizer, step, *, data, batching, args):
         with (contextlib.nullcontext() if sync else model.no_sync()), autocast(device, args.dtype):
             policy_chosen, policy_rejected = batching.sequence_logps(model, batch).view(2, -1)
             ref_chosen, ref_rejected = ref[batch["pair_indices"]].T
-            losses = loss_fn(policy_chosen, policy_rejected, ref_chosen, ref_rejected, args.beta)
-            (losses.sum() * world_size() / step.pairs_in_step).backward()
+            losses = objective.pair_losses(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
+            loss = losses.sum() * world_size() / step.pairs_in_step
+            if objective.sft:
+                loss = loss + objective.terms[SFT] * world_size() * sft_loss(policy_chosen, chosen_tokens)
+            loss.backward()
         totals += pair_stats(losses, policy_chosen, policy_rejected, ref_chosen, ref_rejected, args.beta)
         tokens += batch["tokens"]
     sum_over_processes(totals)
@@ -257,9 +268,16 @@ def train_step(model, optimizer, step, *, data, batching, args):
         raise FloatingPointError("non-finite loss or gradient")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    metrics = {name: v / step.pairs_in_step for name, v in zip(METRICS, totals.tolist())}
+    metrics = means(totals, step.pairs_in_step, objective, chosen_tokens)
     metrics.update({"grad_norm": grad_norm.item(), "tokens/s": tokens * world_size() / (time.time() - start)})
     return metrics
+
+
+def chosen_tokens_in_step(pairs, step, device):
+    """The chosen completion tokens of `step`'s pairs on all processes: the SFT term's denominator."""
+    tokens = torch.tensor([sum(len(pairs[i]["chosen"]) for i in step.pair_indices)], dtype=torch.float64,
+                          device=device)
+    return sum_over_processes(tokens).item()
 
 
 def clip_gradients(optimizer, max_norm):
@@ -298,7 +316,8 @@ class Run:
     def evaluate(self):
         """Held-out metrics against the eval pairs' reference log-probs, logged as eval/*."""
         policy = pairs_logps(self.model, self.held_out.tokens, self.how)
-        metrics = pair_metrics(policy, self.held_out.ref_logps, LOSSES[self.args.loss], self.args.beta)
+        chosen_tokens = sum(len(pair["chosen"]) for pair in self.held_out.tokens)
+        metrics = pair_metrics(policy, self.held_out.ref_logps, Objective.of(self.args), chosen_tokens)
         self.log({f"eval/{k}": v for k, v in metrics.items()})
         return metrics
 
@@ -420,7 +439,7 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     final = run.evaluate()
     run.save("final")
-    log0("\n".join([f"done: {run.step} steps of {args.loss}, beta {args.beta}; checkpoint in {run.out / 'final'}",
+    log0("\n".join([f"done: {run.step} steps of {Objective.of(args)}, beta {args.beta}; checkpoint in {run.out / 'final'}",
                     *(f"  eval/{k:<20} {v:+.4f}" for k, v in final.items())]))
     teardown()
 
