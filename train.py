@@ -18,7 +18,7 @@ import random
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +37,7 @@ from clair_apo.models import (DEFAULT_MODEL, MAX_LENGTH, MAX_PROMPT_LENGTH, Mode
                               default_dtype, disable_dropout, enable_checkpointing, load_model, setting_error)
 from clair_apo.objective import SFT, TERMS, Objective, objective_error, sft_loss
 from clair_apo.packing import choose_batching
+from clair_apo.tracking import REPORT_TO, check_installed, open_trackers
 from preference_data import BUNDLED_EVAL, BUNDLED_TRAIN, DataError, load_pairs, write_reference_logps
 
 DEMO_STEPS = 12  # python train.py with no --data: a short demonstration on the bundled pairs
@@ -116,6 +117,8 @@ def add_output_flags(p):
     p.add_argument("--log-every", type=int, default=1, help="write train metrics every N steps (default: 1)")
     p.add_argument("--eval-every", type=int, default=0, help="0: evaluate at step 0 and at the end only")
     p.add_argument("--save-every", type=int, default=0, help="0: save only at the end")
+    p.add_argument("--report-to", choices=REPORT_TO, default="none", help="also write every metric to "
+                   "OUT/tensorboard as the run goes (pip install tensorboard; default: none, metrics.jsonl only)")
 
 
 def parse_args(argv=None):
@@ -293,7 +296,7 @@ def clip_gradients(optimizer, max_norm):
 class Run:
     """What the loop works on: the model and its optimizer, the train pairs with their reference log-probs
     (on the device), the held-out pairs with theirs (on the CPU), and the output folder's metrics log,
-    evaluation and checkpoints."""
+    evaluation and checkpoints, and the trackers that show the metrics live (rank 0's)."""
     args: argparse.Namespace
     model: torch.nn.Module
     tokenizer: object
@@ -303,6 +306,7 @@ class Run:
     train: PairSet
     held_out: PairSet
     step: int = 0
+    trackers: list = field(default_factory=list)
 
     @property
     def out(self):
@@ -312,6 +316,8 @@ class Run:
         if rank() == 0:
             with open(self.out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps({"step": self.step, **record}) + "\n")
+        for tracker in self.trackers:
+            tracker.log(record, self.step)
 
     def evaluate(self):
         """Held-out metrics against the eval pairs' reference log-probs, logged as eval/*."""
@@ -337,6 +343,11 @@ class Run:
             (self.out / "metrics.jsonl").write_text("")
         if rank() == 0:
             (self.out / "args.json").write_text(json.dumps(vars(self.args), indent=2) + "\n")
+            self.trackers = open_trackers(self.args.report_to, self.out, first_step=self.step + 1 if checkpoint else 0)
+
+    def close(self):
+        for tracker in self.trackers:
+            tracker.close()
 
 
 def reference_pass(model, train_pairs, used, eval_pairs, cache_file, how):
@@ -353,6 +364,7 @@ def reference_pass(model, train_pairs, used, eval_pairs, cache_file, how):
 def prepare_run(args, device):
     """The Run and its step plan: data read and tokenised, the model loaded and wrapped, its batching measured,
     the reference log-probs computed or read from the cache, and the checkpoint to resume from loaded."""
+    check_installed(args.report_to)
     checkpoint = checkpoint_to_resume(args)
     splits = load_splits(args)
     with rank0_first():  # only rank 0 reads the weights; the others build the model empty and receive them
@@ -439,6 +451,7 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     final = run.evaluate()
     run.save("final")
+    run.close()
     log0("\n".join([f"done: {run.step} steps of {Objective.of(args)}, beta {args.beta}; checkpoint in {run.out / 'final'}",
                     *(f"  eval/{k:<20} {v:+.4f}" for k, v in final.items())]))
     teardown()

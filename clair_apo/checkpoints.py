@@ -148,7 +148,7 @@ def load_checkpoint(model, optimizer, scheduler, folder):
 # Flags that may change on --resume: they do not change what is computed (a copied run folder is resumable;
 # checkpointing recomputes the same activations).
 RESUME_MAY_CHANGE = {"resume", "out", "log_every", "eval_every", "save_every", "write_ref_logps",
-                     "gradient_checkpointing", "dtype_source"}
+                     "gradient_checkpointing", "dtype_source", "report_to"}
 
 
 def checkpoint_to_resume(args):
