@@ -26,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from clair_apo import reference_cache
+from clair_apo.adapters import Lora, add_adapters, peft_module
 from clair_apo.batching import pairs_trained, plan_steps
 from clair_apo.chat_tokens import tokenize_pairs
 from clair_apo.checkpoints import checkpoint_to_resume, load_checkpoint, save_checkpoint, trim_metrics
@@ -106,6 +107,19 @@ def add_compute_flags(p):
                         "(default 1e-3 in fp32, 0.25 in bf16)")
 
 
+def add_peft_flags(p):
+    """LoRA adapters, named as TRL's ModelConfig names them."""
+    p = p.add_argument_group("LoRA adapters (pip install peft)")
+    p.add_argument("--use-peft", action="store_true", help="train LoRA adapters only, the model frozen; checkpoints "
+                   "are PEFT adapter folders")
+    p.add_argument("--lora-r", type=int, default=16, help="the adapters' rank (default: 16)")
+    p.add_argument("--lora-alpha", type=float, default=32, help="their scale is alpha / r (default: 32)")
+    p.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the adapters' input, in training "
+                   "only (default: 0.05)")
+    p.add_argument("--lora-target-modules", nargs="+", default=["all-linear"], help="module names to adapt "
+                   "(default: all-linear, every linear layer of the blocks, not the LM head)")
+
+
 def add_output_flags(p):
     """The run folder: metrics, evaluation, checkpoints."""
     p = p.add_argument_group("output")
@@ -123,7 +137,7 @@ def add_output_flags(p):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for add_flags in (add_data_flags, add_training_flags, add_compute_flags, add_output_flags):
+    for add_flags in (add_data_flags, add_training_flags, add_compute_flags, add_peft_flags, add_output_flags):
         add_flags(p)
     args = p.parse_args(argv)
     args.dtype, args.dtype_source = (args.dtype, "--dtype") if args.dtype else default_dtype(default_device())
@@ -174,10 +188,13 @@ def tokenize_splits(tokenizer, splits, args):
 # ----------------------------------------------------------------------------- the model and its optimizer
 
 def prepare_model(model, args, device):
-    """(model, fingerprint of the initial model): dropout off, wrapped for several processes."""
+    """(model, fingerprint of the initial model): dropout off, LoRA adapters added under --use-peft (after the
+    fingerprint: at zero they change nothing the model computes), wrapped for several processes."""
     disable_dropout(model)
     mode = reference_cache.compute_mode(args.dtype, fsdp=sharded(args.fsdp))
     fingerprint = broadcast_object(reference_cache.weights_fingerprint(model, mode) if rank() == 0 else None)
+    if args.use_peft:
+        model = add_adapters(model, Lora.of(args), base=args.model)
     if args.gradient_checkpointing != "none":
         enable_checkpointing(model, args.gradient_checkpointing)
     return wrap_model(model, args.fsdp, args.dtype, device), fingerprint
@@ -365,6 +382,8 @@ def prepare_run(args, device):
     """The Run and its step plan: data read and tokenised, the model loaded and wrapped, its batching measured,
     the reference log-probs computed or read from the cache, and the checkpoint to resume from loaded."""
     check_installed(args.report_to)
+    if args.use_peft:
+        peft_module()  # a missing peft stops the run before any long work
     checkpoint = checkpoint_to_resume(args)
     splits = load_splits(args)
     with rank0_first():  # only rank 0 reads the weights; the others build the model empty and receive them
