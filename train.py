@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from clair_apo import reference_cache
-from clair_apo.adapters import Lora, add_adapters, peft_module
+from clair_apo.adapters import Lora, add_adapters, frozen_weights_in_bf16, peft_module
 from clair_apo.batching import pairs_trained, plan_steps
 from clair_apo.chat_tokens import tokenize_pairs
 from clair_apo.checkpoints import checkpoint_to_resume, load_checkpoint, save_checkpoint, trim_metrics
@@ -189,12 +189,15 @@ def tokenize_splits(tokenizer, splits, args):
 
 def prepare_model(model, args, device):
     """(model, fingerprint of the initial model): dropout off, LoRA adapters added under --use-peft (after the
-    fingerprint: at zero they change nothing the model computes), wrapped for several processes."""
+    fingerprint: at zero they change nothing the model computes; in bf16 the frozen weights held in bf16, which
+    changes nothing either), wrapped for several processes."""
     disable_dropout(model)
     mode = reference_cache.compute_mode(args.dtype, fsdp=sharded(args.fsdp))
     fingerprint = broadcast_object(reference_cache.weights_fingerprint(model, mode) if rank() == 0 else None)
     if args.use_peft:
         model = add_adapters(model, Lora.of(args), base=args.model)
+        if args.dtype == "bf16":
+            frozen_weights_in_bf16(model)
     if args.gradient_checkpointing != "none":
         enable_checkpointing(model, args.gradient_checkpointing)
     return wrap_model(model, args.fsdp, args.dtype, device), fingerprint

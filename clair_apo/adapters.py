@@ -9,6 +9,8 @@ adapters) and the step-0 check hold unchanged. peft is imported here only, only 
 import warnings
 from dataclasses import dataclass
 
+import torch
+
 from clair_apo.distributed import unwrap
 from preference_data import optional_import
 
@@ -46,6 +48,17 @@ def add_adapters(model, lora, base):
         model = peft.get_peft_model(model, config)
     model.peft_config[ADAPTER].base_model_name_or_path = base
     return model
+
+
+def frozen_weights_in_bf16(model):
+    """Under --dtype bf16, each frozen linear layer's weight stored in bf16: autocast rounds a float32 weight to
+    bf16 for every product anyway, so the log-probs and gradients are bit for bit the same, and the frozen
+    weights take half the memory. A head tied to the embeddings stays float32: the embedding lookup is no
+    product, and autocast leaves it in the weight's dtype."""
+    embedding = unwrap(model).get_input_embeddings().weight
+    for module in unwrap(model).modules():
+        if isinstance(module, torch.nn.Linear) and not module.weight.requires_grad and module.weight is not embedding:
+            module.weight.data = module.weight.data.to(torch.bfloat16)
 
 
 def has_adapters(model):

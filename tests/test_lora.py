@@ -16,7 +16,7 @@ import evaluate
 import train
 from benchmarks.testbed import arithmetic_pairs, make_tiny_model, padded_pass, write_jsonl
 from clair_apo import batching, chat_tokens, models
-from clair_apo.adapters import Lora, add_adapters
+from clair_apo.adapters import Lora, add_adapters, frozen_weights_in_bf16
 from clair_apo.fused_head import fused_sequence_logps
 from tests.test_train import torchrun
 
@@ -77,6 +77,25 @@ def test_a_resumed_lora_run_reproduces_the_uninterrupted_one(tmp_path, tiny_mode
     assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
 
 
+def test_frozen_weights_in_bf16_change_nothing_but_memory(tmp_path, tiny_model, ref_cache, monkeypatch):
+    """--dtype bf16 holds the frozen linear weights in bf16, as autocast rounds them anyway: the same run with them
+    in float32 logs the same metrics and trains the same adapters, bit for bit."""
+    flags = ["--max-steps", "3", "--dtype", "bf16"]
+    halved, metrics_halved = run(tmp_path, tiny_model, "halved", *flags)
+    monkeypatch.setattr(train, "frozen_weights_in_bf16", lambda model: None)
+    full, metrics_full = run(tmp_path, tiny_model, "float32", *flags)
+    timeless = lambda ms: [{k: v for k, v in m.items() if k != "tokens/s"} for m in ms]
+    assert timeless(metrics_halved) == timeless(metrics_full)
+    a, b = (load_file(folder / "final" / "adapter_model.safetensors") for folder in (halved, full))
+    assert all(torch.equal(a[name], b[name]) for name in a)
+    _, model = models.load_model(tiny_model)
+    model = add_adapters(model, Lora(r=4, alpha=8, dropout=0.0, target_modules=["all-linear"]), base=tiny_model)
+    frozen_weights_in_bf16(model)
+    dtypes = {name: p.dtype for name, p in model.named_parameters()}
+    assert {name for name, dtype in dtypes.items() if dtype == torch.bfloat16} == {
+        name for name, p in model.named_parameters() if name.endswith("base_layer.weight") or "lm_head" in name}
+
+
 def test_evaluate_loads_the_adapters_over_their_base(tmp_path, tiny_model, ref_cache):
     out, metrics = run(tmp_path, tiny_model, "run", "--max-steps", "3")
     results = evaluate.main(["--model", str(out / "final"), "--data", str(tmp_path / "eval.jsonl")])
@@ -96,10 +115,11 @@ def test_diagnose_measures_a_lora_run(tmp_path, tiny_model, ref_cache):
 
 @pytest.mark.parametrize("family", ["Qwen2, tied head", "Llama without a pad token"])
 def test_lora_on_other_families(tmp_path, padless_model, ref_cache, family):
-    """A head tied to the embeddings stays frozen with them; a tokenizer without a pad token trains as well."""
+    """A head tied to the embeddings stays frozen with them, and in bf16 stays float32 with them; a tokenizer
+    without a pad token trains as well."""
     model = (make_tiny_model(tmp_path / "qwen2", config_class=transformers.Qwen2Config, tie_word_embeddings=True)
              if family.startswith("Qwen2") else padless_model)
-    out, metrics = run(tmp_path, model, "run", "--max-steps", "2")
+    out, metrics = run(tmp_path, model, "run", "--max-steps", "2", *(["--dtype", "bf16"] if "tied" in family else []))
     assert step0_gap(metrics) == 0.0 and [m for m in metrics if "loss" in m][-1]["rewards/margins"] > 0
     assert all(".lora_" in name for name in load_file(out / "final" / "adapter_model.safetensors"))
 
