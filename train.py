@@ -3,6 +3,7 @@
     python train.py                                   # APO-zero, SmolLM2-135M-Instruct, bundled CLAIR data
     python train.py --loss apo_down --data pairs.jsonl --beta 0.1 --lr 1e-6
     torchrun --nproc_per_node 8 train.py --model meta-llama/Meta-Llama-3-8B-Instruct --data clair.jsonl --fsdp
+    python train.py --use-peft --loss apo_zero sft --loss-weights 1.0 0.5 --report-to tensorboard  # LoRA, SFT term
 
 The paper's procedure, top to bottom: read and tokenise the pairs; compute the reference model's
 log-probs once (the reference is the initial model, so no second model stays in memory: docs/method.md);
@@ -143,6 +144,8 @@ def parse_args(argv=None):
     args.dtype, args.dtype_source = (args.dtype, "--dtype") if args.dtype else default_dtype(default_device())
     if why := objective_error(args.loss, args.loss_weights):
         p.error(why)
+    if args.use_peft and not (args.lora_r >= 1 and 0 <= args.lora_dropout < 1):
+        p.error(f"--lora-r ({args.lora_r}) must be at least 1 and --lora-dropout ({args.lora_dropout}) in [0, 1)")
     args.loss_weights = args.loss_weights or [1.0] * len(args.loss)
     args.out = args.out or f"runs/{'+'.join(args.loss)}"
     if args.max_steps is None and args.data is None:
@@ -474,8 +477,8 @@ def main(argv=None):
     final = run.evaluate()
     run.save("final")
     run.close()
-    log0("\n".join([f"done: {run.step} steps of {Objective.of(args)}, beta {args.beta}; checkpoint in {run.out / 'final'}",
-                    *(f"  eval/{k:<20} {v:+.4f}" for k, v in final.items())]))
+    done = f"done: {run.step} steps of {Objective.of(args)}, beta {args.beta}; checkpoint in {run.out / 'final'}"
+    log0("\n".join([done, *(f"  eval/{k:<20} {v:+.4f}" for k, v in final.items())]))
     teardown()
 
 

@@ -14,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import diagnose
 import evaluate
 import train
-from benchmarks.testbed import arithmetic_pairs, make_tiny_model, padded_pass, write_jsonl
+from benchmarks.testbed import arithmetic_pairs, make_tiny_model, write_jsonl
 from clair_apo import batching, chat_tokens, models
 from clair_apo.adapters import Lora, add_adapters, frozen_weights_in_bf16
 from clair_apo.fused_head import fused_sequence_logps
@@ -35,7 +35,8 @@ def run(tmp_path, model, name, *flags):
 
 
 def step0_gap(metrics):
-    return [m for m in metrics if "ref_check/max_abs_diff_per_sqrt_token" in m][0]["ref_check/max_abs_diff_per_sqrt_token"]
+    name = "ref_check/max_abs_diff_per_sqrt_token"
+    return [m for m in metrics if name in m][0][name]
 
 
 def test_only_the_adapters_train_and_the_checkpoint_is_a_peft_folder(tmp_path, tiny_model, ref_cache, capsys):
@@ -170,9 +171,11 @@ def test_without_peft_the_flag_is_one_line_before_any_model_work(tmp_path, tiny_
 def test_two_processes_train_the_adapters_as_one(tmp_path, tiny_model, ref_cache, mode):
     """torchrun x2 (gloo): one step of the adapters equals one process's over the same four pairs."""
     common = ["--batch-size", "1", "--max-steps", "1", "--lora-dropout", "0", *LORA]
-    torchrun(tmp_path, tiny_model, tmp_path / "two", *common, "--grad-accum", "2", *(["--fsdp"] if mode == "fsdp" else []))
-    train.main(["--model", tiny_model, "--data", str(tmp_path / "train.jsonl"), "--eval-data", str(tmp_path / "eval.jsonl"),
-                "--out", str(tmp_path / "one"), "--lr", "1e-3", "--warmup-ratio", "0", *common, "--grad-accum", "4"])
+    sharding = ["--fsdp"] if mode == "fsdp" else []
+    torchrun(tmp_path, tiny_model, tmp_path / "two", *common, "--grad-accum", "2", *sharding)
+    train.main(["--model", tiny_model, "--data", str(tmp_path / "train.jsonl"), "--eval-data",
+                str(tmp_path / "eval.jsonl"), "--out", str(tmp_path / "one"), "--lr", "1e-3", "--warmup-ratio", "0",
+                *common, "--grad-accum", "4"])
     a, b = (load_file(tmp_path / name / "final" / "adapter_model.safetensors") for name in ("two", "one"))
     assert a.keys() == b.keys() and all(b[name].abs().max() > 1e-4 for name in b if ".lora_B." in name)  # moved
     for name in a:

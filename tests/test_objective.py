@@ -33,7 +33,8 @@ def chosen_change(metrics):
 def test_the_sft_term_stops_the_fall_of_the_chosen_log_prob(tmp_path, tiny_model, ref_cache, family, loss):
     """On the same pairs, 4 steps: the preference loss alone lowers the chosen answers' log-prob, and with half the
     SFT term beside it the chosen log-prob rises, the margin still opening."""
-    model = tiny_model if family == "Llama" else make_tiny_model(tmp_path / family, config_class=transformers.Qwen2Config)
+    model = (tiny_model if family == "Llama"
+             else make_tiny_model(tmp_path / family, config_class=transformers.Qwen2Config))
     alone = run(tmp_path, model, "alone", "--loss", loss, "--max-steps", "4")
     mixed = run(tmp_path, model, "mixed", "--loss", loss, "sft", "--loss-weights", "1.0", "0.5", "--max-steps", "4")
     print(f"{family} {loss}: chosen log-prob {chosen_change(alone):+.2f} nats alone, {chosen_change(mixed):+.2f} "
@@ -64,7 +65,8 @@ def test_the_sft_term_is_the_mean_token_nll_of_the_chosen_completions(tmp_path, 
 
 def test_evaluate_reports_the_training_objective(tmp_path, tiny_model, ref_cache):
     """evaluate.py takes the loss and its weights from the checkpoint, and agrees with train.py's last metrics."""
-    metrics = run(tmp_path, tiny_model, "run", "--loss", "dpo", "sft", "--loss-weights", "1.0", "0.5", "--max-steps", "2")
+    metrics = run(tmp_path, tiny_model, "run", "--loss", "dpo", "sft", "--loss-weights", "1.0", "0.5",
+                  "--max-steps", "2")
     results = evaluate.main(["--model", str(tmp_path / "run" / "final"), "--data", str(tmp_path / "pairs.jsonl")])
     report = results["pairs"]["models"][str(tmp_path / "run" / "final")]
     for name in ("eval/loss", "eval/nll_loss", "eval/rewards/margins"):
@@ -111,7 +113,8 @@ def test_apo_zero_alone_is_todays_step_bit_for_bit(tiny_model):
     ref = logprobs.pairs_logps(model, pairs, padded_pass(4)) - 0.5  # rewards away from 0
     model.train()
     for micro_batch in ([0, 1], [2, 3]):
-        policy_chosen, policy_rejected = logprobs.sequence_logps(model, batching.padded(pairs, micro_batch, "cpu")).view(2, -1)
+        batch = batching.padded(pairs, micro_batch, "cpu")
+        policy_chosen, policy_rejected = logprobs.sequence_logps(model, batch).view(2, -1)
         ref_chosen, ref_rejected = ref[micro_batch].T
         (apo_zero_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, 0.1).sum() * 1 / 4).backward()
     expected = [p.grad.clone() for p in model.parameters()]

@@ -69,6 +69,7 @@ def test_a_resumed_run_shows_each_step_once(tmp_path, tiny_model, ref_cache):
 
 def test_a_missing_tensorboard_is_one_line_before_any_model_work(tmp_path, tiny_model, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "tensorboard", None)  # import tensorboard now raises ImportError
-    with pytest.raises(SystemExit, match=r"^error: --report-to tensorboard needs tensorboard: pip install tensorboard$"):
+    message = r"^error: --report-to tensorboard needs tensorboard: pip install tensorboard$"
+    with pytest.raises(SystemExit, match=message):
         run(tmp_path, tiny_model, tmp_path / "run", "--max-steps", "1")
     assert capsys.readouterr().out == ""  # nothing loaded, tokenised or computed
