@@ -53,7 +53,7 @@ from clair_apo.generation import Decoding, generate
 from clair_apo.logprobs import measuring, model_inputs, pairs_logps
 from clair_apo.models import (DEFAULT_MODEL, MAX_LENGTH, MAX_PROMPT_LENGTH, ModelError, default_device, default_dtype,
                               load_model, setting_error)
-from evaluate import NUMBER_WORDS, judge_client, logprob_pass, matches, pairwise, read_prompts
+from evaluate import NUMBER_WORDS, judge_client, logprob_pass, matches, pairwise, read_prompts, training_value
 from preference_data import BUNDLED_TRAIN, DataError, as_messages, read_jsonl
 
 Z_95 = 1.959963984540054  # the standard normal's 97.5% quantile
@@ -580,7 +580,7 @@ def chosen_logp_change(run, batch_size, device):
     after = pairs_logps(policy, pairs, logprob_pass(run, policy, pairs, settings, device))
     arrays = {key: np.array([v[key] for v in values]) for key in ("ches", "ches_length_normalised", "chosen_tokens")}
     arrays["change"] = after[:, 0].numpy() - np.array([v["ref_logp_chosen"] for v in values])
-    return f"{trained['loss']} on {Path(data).stem}", arrays
+    return f"{' '.join(training_value(trained, 'loss', ['?']))} on {Path(data).stem}", arrays
 
 
 # What is ranked against what: CHES against the change, and, as the confound to beat, the chosen answer's length.

@@ -5,7 +5,7 @@
     python evaluate.py --model CKPT --prompts P.jsonl --judge-url http://localhost:8000/v1 --judge-model M
     python evaluate.py plot runs/apo_zero runs/dpo --out figure4.png
 
-The reference (--ref), loss, beta, length limits, dtype and attention implementation default to the
+The reference (--ref), loss and its weights, beta, length limits, dtype and attention implementation default to the
 checkpoints' training args (trainer_state.json, plain JSON: nothing in a checkpoint runs code). The
 reference's log-probs come from train.py's cache when it holds them; tokenisation, batching and log-probs
 are training's own functions. Generation needs no reference: without --ref, a model that train.py did not
@@ -23,7 +23,6 @@ from pathlib import Path
 import torch
 
 import preference_data
-from apo import LOSSES
 from clair import ChatClient, FatalRequestError, HelpFormatter, RetriesExhausted, fill, judge, prompt_text
 from clair_apo import reference_cache
 from clair_apo.chat_tokens import tokenize_pairs
@@ -31,6 +30,7 @@ from clair_apo.checkpoints import read_state
 from clair_apo.generation import Decoding, generate
 from clair_apo.logprobs import LogprobPass, pairs_logps
 from clair_apo.metrics import pair_metrics
+from clair_apo.objective import TERMS, Objective, objective_error
 from clair_apo.models import (MAX_LENGTH, MAX_PROMPT_LENGTH, ModelError, default_device, default_dtype, load_model,
                               setting_error)
 from clair_apo.packing import choose_batching
@@ -51,10 +51,12 @@ same as the reference; wording and extra explanation do not matter. End with [[c
 
 # Flags that default to the checkpoints' training args: evaluate.py's name -> (train.py's, the value for a model
 # train.py did not save: train.py's defaults, and the reference given by --ref).
-FROM_TRAINING = {"ref": ("model", None), "loss": ("loss", "apo_zero"), "beta": ("beta", 0.1),
+FROM_TRAINING = {"ref": ("model", None), "loss": ("loss", ["apo_zero"]), "loss_weights": ("loss_weights", [1.0]),
+                 "beta": ("beta", 0.1),
                  "max_length": ("max_length", MAX_LENGTH), "max_prompt_length": ("max_prompt_length", MAX_PROMPT_LENGTH),
                  "dtype": ("dtype", None), "attn_implementation": ("attn_implementation", None)}
-PAIRS_ONLY = {"loss", "beta", "max_length", "max_prompt_length"}  # unused by generation (--prompts alone)
+# Unused by generation (--prompts alone).
+PAIRS_ONLY = {"loss", "loss_weights", "beta", "max_length", "max_prompt_length"}
 
 
 def parse_args(argv):
@@ -63,7 +65,10 @@ def parse_args(argv):
     p.add_argument("--ref", help="the reference / initial model (default: the one the checkpoints were trained from)")
     p.add_argument("--data", help="held-out preference pairs: JSONL, .parquet or a Hub dataset id")
     p.add_argument("--prompts", help="prompts to answer, JSONL: id, prompt, optional answer")
-    p.add_argument("--loss", choices=sorted(LOSSES), help="for the reported loss (default: the training loss)")
+    p.add_argument("--loss", nargs="+", choices=TERMS, help="for the reported loss, as train.py's (default: the "
+                   "training loss)")
+    p.add_argument("--loss-weights", nargs="+", type=float, help="one per --loss (default: the training ones with the "
+                   "training loss, else 1 each)")
     p.add_argument("--beta", type=float, help="default: the training beta")
     p.add_argument("--batch-size", type=int, default=4, help="pairs per forward; prompts per generate")
     p.add_argument("--max-length", type=int, help="default: the training one")
@@ -87,16 +92,10 @@ def parse_args(argv):
         p.exit(2, f"error: {e}\n")
     if args.ref is None and not trained and args.data:
         p.error("--ref: no checkpoint holds train.py's training args (trainer_state.json); give the reference model")
-    for flag, (name, fallback) in FROM_TRAINING.items():
-        if getattr(args, flag) is not None:
-            continue
-        values = {saved[name] for saved in trained}
-        if len(values) > 1 and not args.data and flag in PAIRS_ONLY:
-            values = {fallback}
-        if len(values) > 1:
-            p.error(f"the checkpoints were trained with different {name} ({', '.join(sorted(map(repr, values)))}): "
-                    f"give --{flag.replace('_', '-')}")
-        setattr(args, flag, values.pop() if values else fallback)
+    if args.loss is not None and args.loss_weights is None:
+        args.loss_weights = [1.0] * len(args.loss)  # the weights of the loss given, not of the training's
+    if why := defaults_from_training(args, trained) or objective_error(args.loss, args.loss_weights):
+        p.error(why)
     args.dtype = args.dtype or default_dtype(default_device())[0]
     max_length, max_prompt_length = (args.max_length, args.max_prompt_length) if args.data else (MAX_LENGTH,
                                                                                                  MAX_PROMPT_LENGTH)
@@ -105,11 +104,38 @@ def parse_args(argv):
     return args
 
 
+def defaults_from_training(args, trained):
+    """Fill each FROM_TRAINING flag not given from the `trained` checkpoints' args, or with its fallback where
+    none has it; return why not where they disagree (and the flag matters), else None."""
+    for flag, (name, fallback) in FROM_TRAINING.items():
+        if getattr(args, flag) is not None:
+            continue
+        values = {training_value(saved, name, fallback) for saved in trained}
+        if len(values) > 1 and not args.data and flag in PAIRS_ONLY:
+            values = {training_value({}, name, fallback)}
+        if len(values) > 1:
+            shown = sorted(repr(" ".join(map(str, v)) if isinstance(v, tuple) else v) for v in values)
+            return (f"the checkpoints were trained with different {name} ({', '.join(shown)}): "
+                    f"give --{flag.replace('_', '-')}")
+        value = values.pop() if values else fallback
+        setattr(args, flag, list(value) if isinstance(value, tuple) else value)
+    return None
+
+
+def training_value(saved, name, fallback):
+    """A checkpoint's training arg, hashable (a list as a tuple); `fallback` where it has none. A single --loss
+    name, as a string, is that one loss."""
+    value = saved.get(name, fallback)
+    return (value,) if name == "loss" and isinstance(value, str) else tuple(value) if isinstance(value, list) else value
+
+
 # ----------------------------------------------------------------------------- held-out pairs (Figure 4)
 
-def pair_report(policy, ref, pairs, loss_fn, beta):
-    """Figure 4's numbers: rewards, raw and per-token log-likelihoods under both models, directions."""
-    report = {f"eval/{k}": v for k, v in pair_metrics(policy, ref, loss_fn, beta).items()}
+def pair_report(policy, ref, pairs, objective):
+    """Figure 4's numbers: rewards, raw and per-token log-likelihoods under both models, directions; the loss
+    of `objective`."""
+    chosen_tokens = sum(len(pair["chosen"]) for pair in pairs)
+    report = {f"eval/{k}": v for k, v in pair_metrics(policy, ref, objective, chosen_tokens).items()}
     for column, side in enumerate(("chosen", "rejected")):
         tokens = torch.tensor([len(p[side]) for p in pairs], dtype=torch.float64)
         delta = (policy[:, column] - ref[:, column]).mean().item()
@@ -151,7 +177,7 @@ def evaluate_pairs(args, device):
                 f"{path}: its tokenizer or chat template gives other token ids than the reference's ({args.ref}); "
                 "evaluate a checkpoint against the model it was trained from (--ref)")
         policy = pairs_logps(model, pairs, logprob_pass(path, model, pairs, args, device))
-        reports[path] = pair_report(policy, ref, pairs, LOSSES[args.loss], args.beta)
+        reports[path] = pair_report(policy, ref, pairs, Objective.of(args))
         del model
     return {"pairs": len(pairs), "dropped": dict(drops + tokenize_drops), "models": reports}
 
@@ -282,7 +308,7 @@ def curves(run):
         return [m[name] for _, m in points]
 
     config = json.loads(args_path.read_text()) if args_path.exists() else {}
-    label = f"{config.get('loss', '?')} on {Path(config.get('data') or 'bundled CLAIR').stem}"
+    label = f"{' '.join(training_value(config, 'loss', ['?']))} on {Path(config.get('data') or 'bundled CLAIR').stem}"
     return label, {(metric, side): (column("step"), column(f"{prefix}{metric}/{side}"))
                    for metric, _ in PANELS for side in ("chosen", "rejected")}
 

@@ -3,6 +3,7 @@
     python train.py                                   # APO-zero, SmolLM2-135M-Instruct, bundled CLAIR data
     python train.py --loss apo_down --data pairs.jsonl --beta 0.1 --lr 1e-6
     torchrun --nproc_per_node 8 train.py --model meta-llama/Meta-Llama-3-8B-Instruct --data clair.jsonl --fsdp
+    python train.py --use-peft --loss apo_zero sft --loss-weights 1.0 0.5 --report-to tensorboard  # LoRA, SFT term
 
 The paper's procedure, top to bottom: read and tokenise the pairs; compute the reference model's
 log-probs once (the reference is the initial model, so no second model stays in memory: docs/method.md);
@@ -18,25 +19,27 @@ import random
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from apo import LOSSES
 from clair_apo import reference_cache
+from clair_apo.adapters import Lora, add_adapters, frozen_weights_in_bf16, peft_module
 from clair_apo.batching import pairs_trained, plan_steps
 from clair_apo.chat_tokens import tokenize_pairs
 from clair_apo.checkpoints import checkpoint_to_resume, load_checkpoint, save_checkpoint, trim_metrics
 from clair_apo.distributed import (broadcast_object, log0, max_over_processes, rank, rank0_first, setup, sharded,
                                    sum_over_processes, teardown, world_size, wrap_model)
 from clair_apo.logprobs import LogprobPass, pairs_logps
-from clair_apo.metrics import METRICS, pair_metrics, pair_stats
+from clair_apo.metrics import METRICS, means, pair_metrics, pair_stats
 from clair_apo.models import (DEFAULT_MODEL, MAX_LENGTH, MAX_PROMPT_LENGTH, ModelError, autocast, default_device,
                               default_dtype, disable_dropout, enable_checkpointing, load_model, setting_error)
+from clair_apo.objective import SFT, TERMS, Objective, objective_error, sft_loss
 from clair_apo.packing import choose_batching
+from clair_apo.tracking import REPORT_TO, check_installed, open_trackers
 from preference_data import BUNDLED_EVAL, BUNDLED_TRAIN, DataError, load_pairs, write_reference_logps
 
 DEMO_STEPS = 12  # python train.py with no --data: a short demonstration on the bundled pairs
@@ -61,9 +64,12 @@ def add_data_flags(p):
 def add_training_flags(p):
     """The loss, the optimizer and the step plan."""
     p = p.add_argument_group("loss and optimizer")
-    p.add_argument("--loss", choices=sorted(LOSSES), default="apo_zero",
+    p.add_argument("--loss", nargs="+", choices=TERMS, default=["apo_zero"],
                    help="apo_zero when chosen answers beat the model's own (CLAIR), apo_down when the model's "
-                        "beat them; dpo to compare (default: apo_zero)")
+                        "beat them; dpo to compare; sft, alone or beside one of them, for TRL's SFT term: the "
+                        "chosen answers' mean token negative log-likelihood (default: apo_zero)")
+    p.add_argument("--loss-weights", nargs="+", type=float, default=None,
+                   help="one weight per --loss, e.g. --loss apo_zero sft --loss-weights 1.0 0.5 (default: 1 each)")
     p.add_argument("--beta", type=float, default=0.1, help="scale of the implicit reward beta * (log pi - log "
                    "pi_ref) (default: 0.1)")
     p.add_argument("--lr", type=float, default=5e-6, help="peak learning rate (default: 5e-6)")
@@ -102,6 +108,19 @@ def add_compute_flags(p):
                         "(default 1e-3 in fp32, 0.25 in bf16)")
 
 
+def add_peft_flags(p):
+    """LoRA adapters, named as TRL's ModelConfig names them."""
+    p = p.add_argument_group("LoRA adapters (pip install peft)")
+    p.add_argument("--use-peft", action="store_true", help="train LoRA adapters only, the model frozen; checkpoints "
+                   "are PEFT adapter folders")
+    p.add_argument("--lora-r", type=int, default=16, help="the adapters' rank (default: 16)")
+    p.add_argument("--lora-alpha", type=float, default=32, help="their scale is alpha / r (default: 32)")
+    p.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the adapters' input, in training "
+                   "only (default: 0.05)")
+    p.add_argument("--lora-target-modules", nargs="+", default=["all-linear"], help="module names to adapt "
+                   "(default: all-linear, every linear layer of the blocks, not the LM head)")
+
+
 def add_output_flags(p):
     """The run folder: metrics, evaluation, checkpoints."""
     p = p.add_argument_group("output")
@@ -113,15 +132,22 @@ def add_output_flags(p):
     p.add_argument("--log-every", type=int, default=1, help="write train metrics every N steps (default: 1)")
     p.add_argument("--eval-every", type=int, default=0, help="0: evaluate at step 0 and at the end only")
     p.add_argument("--save-every", type=int, default=0, help="0: save only at the end")
+    p.add_argument("--report-to", choices=REPORT_TO, default="none", help="also write every metric to "
+                   "OUT/tensorboard as the run goes (pip install tensorboard; default: none, metrics.jsonl only)")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for add_flags in (add_data_flags, add_training_flags, add_compute_flags, add_output_flags):
+    for add_flags in (add_data_flags, add_training_flags, add_compute_flags, add_peft_flags, add_output_flags):
         add_flags(p)
     args = p.parse_args(argv)
     args.dtype, args.dtype_source = (args.dtype, "--dtype") if args.dtype else default_dtype(default_device())
-    args.out = args.out or f"runs/{args.loss}"
+    if why := objective_error(args.loss, args.loss_weights):
+        p.error(why)
+    if args.use_peft and not (args.lora_r >= 1 and 0 <= args.lora_dropout < 1):
+        p.error(f"--lora-r ({args.lora_r}) must be at least 1 and --lora-dropout ({args.lora_dropout}) in [0, 1)")
+    args.loss_weights = args.loss_weights or [1.0] * len(args.loss)
+    args.out = args.out or f"runs/{'+'.join(args.loss)}"
     if args.max_steps is None and args.data is None:
         args.max_steps = DEMO_STEPS
     if why := setting_error(args.max_length, args.max_prompt_length, args.attn_implementation, args.dtype):
@@ -165,10 +191,16 @@ def tokenize_splits(tokenizer, splits, args):
 # ----------------------------------------------------------------------------- the model and its optimizer
 
 def prepare_model(model, args, device):
-    """(model, fingerprint of the initial model): dropout off, wrapped for several processes."""
+    """(model, fingerprint of the initial model): dropout off, LoRA adapters added under --use-peft (after the
+    fingerprint: at zero they change nothing the model computes; in bf16 the frozen weights held in bf16, which
+    changes nothing either), wrapped for several processes."""
     disable_dropout(model)
     mode = reference_cache.compute_mode(args.dtype, fsdp=sharded(args.fsdp), device=device)
     fingerprint = broadcast_object(reference_cache.weights_fingerprint(model, mode) if rank() == 0 else None)
+    if args.use_peft:
+        model = add_adapters(model, Lora.of(args), base=args.model)
+        if args.dtype == "bf16":
+            frozen_weights_in_bf16(model)
     if args.gradient_checkpointing != "none":
         enable_checkpointing(model, args.gradient_checkpointing)
     return wrap_model(model, args.fsdp, args.dtype, device), fingerprint
@@ -232,11 +264,13 @@ def train_step(model, optimizer, step, *, data, batching, args):
     `batching` collates a micro-batch of `data` (a PairSet, its reference log-probs on the device) and
     computes its log-probs. Chosen and rejected of a micro-batch share one forward. The
     loss is the mean over the step's pairs on all processes, so 1 x 4 and 4 x 1 micro-batches give the same
-    update; DDP and FSDP average gradients over processes, hence the world_size(). Raises
-    FloatingPointError, before the update, when the loss or the gradient is not finite.
+    update; DDP and FSDP average gradients over processes, hence the world_size(). An SFT term divides by the
+    chosen completion tokens of the step on all processes (objective.py). Raises FloatingPointError, before the
+    update, when the loss or the gradient is not finite.
     """
-    loss_fn = LOSSES[args.loss]
+    objective = Objective.of(args)
     ref, device = data.ref_logps, data.ref_logps.device
+    chosen_tokens = chosen_tokens_in_step(data.tokens, step, device) if objective.sft else None
     totals = torch.zeros(len(METRICS), dtype=torch.float64, device=device)
     tokens, start = 0, time.time()
     ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
@@ -246,8 +280,11 @@ def train_step(model, optimizer, step, *, data, batching, args):
         with (contextlib.nullcontext() if sync else model.no_sync()), autocast(device, args.dtype):
             policy_chosen, policy_rejected = batching.sequence_logps(model, batch).view(2, -1)
             ref_chosen, ref_rejected = ref[batch["pair_indices"]].T
-            losses = loss_fn(policy_chosen, policy_rejected, ref_chosen, ref_rejected, args.beta)
-            (losses.sum() * world_size() / step.pairs_in_step).backward()
+            losses = objective.pair_losses(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
+            loss = losses.sum() * world_size() / step.pairs_in_step
+            if objective.sft:
+                loss = loss + objective.terms[SFT] * world_size() * sft_loss(policy_chosen, chosen_tokens)
+            loss.backward()
         totals += pair_stats(losses, policy_chosen, policy_rejected, ref_chosen, ref_rejected, args.beta)
         tokens += batch["tokens"]
     sum_over_processes(totals)
@@ -257,9 +294,16 @@ def train_step(model, optimizer, step, *, data, batching, args):
         raise FloatingPointError("non-finite loss or gradient")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    metrics = {name: v / step.pairs_in_step for name, v in zip(METRICS, totals.tolist())}
+    metrics = means(totals, step.pairs_in_step, objective, chosen_tokens)
     metrics.update({"grad_norm": grad_norm.item(), "tokens/s": tokens * world_size() / (time.time() - start)})
     return metrics
+
+
+def chosen_tokens_in_step(pairs, step, device):
+    """The chosen completion tokens of `step`'s pairs on all processes: the SFT term's denominator."""
+    tokens = torch.tensor([sum(len(pairs[i]["chosen"]) for i in step.pair_indices)], dtype=torch.float64,
+                          device=device)
+    return sum_over_processes(tokens).item()
 
 
 def clip_gradients(optimizer, max_norm):
@@ -275,7 +319,7 @@ def clip_gradients(optimizer, max_norm):
 class Run:
     """What the loop works on: the model and its optimizer, the train pairs with their reference log-probs
     (on the device), the held-out pairs with theirs (on the CPU), and the output folder's metrics log,
-    evaluation and checkpoints."""
+    evaluation and checkpoints, and the trackers that show the metrics live (rank 0's)."""
     args: argparse.Namespace
     model: torch.nn.Module
     tokenizer: object
@@ -285,6 +329,7 @@ class Run:
     train: PairSet
     held_out: PairSet
     step: int = 0
+    trackers: list = field(default_factory=list)
 
     @property
     def out(self):
@@ -294,11 +339,14 @@ class Run:
         if rank() == 0:
             with open(self.out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps({"step": self.step, **record}) + "\n")
+        for tracker in self.trackers:
+            tracker.log(record, self.step)
 
     def evaluate(self):
         """Held-out metrics against the eval pairs' reference log-probs, logged as eval/*."""
         policy = pairs_logps(self.model, self.held_out.tokens, self.how)
-        metrics = pair_metrics(policy, self.held_out.ref_logps, LOSSES[self.args.loss], self.args.beta)
+        chosen_tokens = sum(len(pair["chosen"]) for pair in self.held_out.tokens)
+        metrics = pair_metrics(policy, self.held_out.ref_logps, Objective.of(self.args), chosen_tokens)
         self.log({f"eval/{k}": v for k, v in metrics.items()})
         return metrics
 
@@ -318,6 +366,11 @@ class Run:
             (self.out / "metrics.jsonl").write_text("")
         if rank() == 0:
             (self.out / "args.json").write_text(json.dumps(vars(self.args), indent=2) + "\n")
+            self.trackers = open_trackers(self.args.report_to, self.out, first_step=self.step + 1 if checkpoint else 0)
+
+    def close(self):
+        for tracker in self.trackers:
+            tracker.close()
 
 
 def reference_pass(model, train_pairs, used, eval_pairs, cache_file, how):
@@ -334,6 +387,9 @@ def reference_pass(model, train_pairs, used, eval_pairs, cache_file, how):
 def prepare_run(args, device):
     """The Run and its step plan: data read and tokenised, the model loaded and wrapped, its batching measured,
     the reference log-probs computed or read from the cache, and the checkpoint to resume from loaded."""
+    check_installed(args.report_to)
+    if args.use_peft:
+        peft_module()  # a missing peft stops the run before any long work
     checkpoint = checkpoint_to_resume(args)
     splits = load_splits(args)
     with rank0_first():  # only rank 0 reads the weights; the others build the model empty and receive them
@@ -420,8 +476,9 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     final = run.evaluate()
     run.save("final")
-    log0("\n".join([f"done: {run.step} steps of {args.loss}, beta {args.beta}; checkpoint in {run.out / 'final'}",
-                    *(f"  eval/{k:<20} {v:+.4f}" for k, v in final.items())]))
+    run.close()
+    done = f"done: {run.step} steps of {Objective.of(args)}, beta {args.beta}; checkpoint in {run.out / 'final'}"
+    log0("\n".join([done, *(f"  eval/{k:<20} {v:+.4f}" for k, v in final.items())]))
     teardown()
 
 

@@ -15,7 +15,8 @@ datasheet and a bf16 matmul measured in the run, peak memory against the floor, 
 a training step scales with the micro-batch: 4, 8 and 16 pairs of random tokens, up to 512 each; (8) the
 same steps against TRL's DPOTrainer (apo_zero, precomputed reference log-probs), gradient checkpointing off
 and on, and this project's selective checkpointing; (9) a 262k vocabulary, the LM head fused against whole;
-(10) what a training forward keeps for the backward per token, by module.
+(10) what a training forward keeps for the backward per token, by module; (13, --rows 13, pip install peft)
+LoRA adapters against full training: peak memory and tokens/s of a step on the same random pairs.
 Memory rows run in child processes (peak RSS on CPU, peak allocated on CUDA) so they do not mix.
 """
 
@@ -42,6 +43,7 @@ import torch
 import preference_data
 import train
 from benchmarks.testbed import ChatServer, make_tiny_model
+from clair_apo.adapters import Lora, add_adapters, frozen_weights_in_bf16
 from clair_apo.batching import Step, model_shape, packed, padded, train_batches
 from clair_apo.chat_tokens import tokenize_pairs
 from clair_apo.fused_head import fused_sequence_logps
@@ -64,10 +66,16 @@ def model_path(args):
     return make_tiny_model(Path(tempfile.mkdtemp()) / "tiny") if args.tiny else args.model
 
 
-def setup(args, device):
-    """Model, tokenised bundled pairs, optimizer, and the first optimizer step's micro-batches."""
+def setup(args, device, adapters=False):
+    """Model, tokenised bundled pairs, optimizer, and the first optimizer step's micro-batches; with `adapters`,
+    the model under train.py's default LoRA adapters, as --use-peft prepares it."""
     tokenizer, model = load_model(model_path(args), device)
     disable_dropout(model)
+    if adapters:
+        lora = dataclasses.replace(Lora.of(train_args(args.dtype)), dropout=args.lora_dropout)
+        model = add_adapters(model, lora, base=args.model)
+        if args.dtype == "bf16":
+            frozen_weights_in_bf16(model)
     rows, _ = preference_data.load_pairs(ROOT / "data" / "clair_train.jsonl")
     pairs, _ = tokenize_pairs(tokenizer, rows, 512, 192)
     optimizer, _ = train.make_optimizer(model, train_args(args.dtype), total_steps=1)
@@ -215,27 +223,29 @@ def weight_bytes(model):
 
 def floor_memory(libraries, model):
     """What any training of `model` with AdamW holds, activations aside: `libraries` (the process's memory
-    before the model is loaded) and, per parameter, its weight, its gradient and AdamW's two moments."""
-    return libraries + 4 * weight_bytes(model)
+    before the model is loaded), every weight, and per trained parameter its gradient and AdamW's two moments
+    (float32, as the weights of full training)."""
+    trained = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return libraries + weight_bytes(model) + 3 * trained
 
 
 def child(args, mode):
     """In a fresh process (run by bench_memory, bench_scaling, bench_peer and bench_vocabulary): the peak memory
     of two training steps; for mode 'scale', the tokens, tokens/s, peak memory and floor_memory of steps on --batch-size
-    random pairs, with --checkpointing, and with the LM head --head fused or whole; for mode 'trl', the same
-    measured on TRL's DPOTrainer."""
+    random pairs, with --checkpointing, and with the LM head --head fused or whole; for 'scale-lora', the same under
+    LoRA adapters; for mode 'trl', the same measured on TRL's DPOTrainer."""
     if mode == "trl":
         return trl_child(args)
     device = torch.device(args.device)
     libraries = resident_memory(device)
-    tokenizer, model, pairs, optimizer, batches, batching = setup(args, device)
+    tokenizer, model, pairs, optimizer, batches, batching = setup(args, device, adapters=mode == "scale-lora")
     dtype = args.dtype
     if args.checkpointing != "none":
         enable_checkpointing(model, args.checkpointing)
     if args.head == "whole":
         batching = dataclasses.replace(batching, sequence_logps=sequence_logps)
     model.train()
-    if mode == "scale":  # one micro-batch: a warm-up step, then --repeats timed ones
+    if mode in ("scale", "scale-lora"):  # one micro-batch: a warm-up step, then --repeats timed ones
         pairs = random_pairs(args.batch_size, model.config.vocab_size)
         step = [list(range(len(pairs)))]
         ref = initial_logps(model, pairs, step[0], device, dtype, batching)
@@ -334,6 +344,7 @@ def in_child(args, mode, batch_size, checkpointing="none", head="fused", model=N
                "--batch-size", str(batch_size), "--checkpointing", checkpointing, "--head", head,
                "--repeats", str(args.repeats), "--dtype", args.dtype]
     command += ["--tiny"] if args.tiny and model is None else []
+    command += ["--lora-dropout", str(args.lora_dropout)] if mode == "scale-lora" else []
     path = os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(ROOT)]))  # packages installed to a folder
     result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": path})
     if result.returncode == -signal.SIGKILL:
@@ -408,6 +419,28 @@ def peer_row(ours, theirs, n, which, dtype):
     row(f"8. {n} random pairs, {dtype}, checkpointing {setting}: floor (floor_memory) / peak above it, this "
         f"project / TRL", f"floor {ours.floor / gib:.2f} / {theirs.floor / gib:.2f} GiB; above it "
         f"{above / gib:.2f} / {trl_above / gib:.2f} GiB = {above / trl_above:.2f}x")
+
+
+def bench_lora(args):
+    """Row 13: a step of train.py's default LoRA adapters (r 16, all-linear, the frozen weights in bf16 where the
+    step computes in bf16), with their dropout (0.05) and without, against full training, on the same --peer-pairs
+    random pairs a micro-batch, each in a fresh process: peak memory, the floor (the weights, and the trained
+    parameters' gradients and AdamW state) and tokens/s."""
+    if importlib.util.find_spec("peft") is None:
+        row("13. LoRA against full training", "skipped: pip install peft")
+        return
+    gib = 2 ** 30
+    for n in args.peer_pairs:
+        tokens, full_speed, full_peak, full_floor = in_child(args, "scale", n)
+        row(f"13. {n} random pairs ({tokens:.0f} tokens), full training", f"peak {full_peak / gib:.2f} GiB, floor "
+            f"{full_floor / gib:.2f} GiB, {full_speed:.0f} tokens/s")
+        for dropout in (train_args("fp32").lora_dropout, 0.0):
+            _, speed, peak, floor = in_child(argparse.Namespace(**{**vars(args), "lora_dropout": dropout}),
+                                             "scale-lora", n)
+            row(f"13. {n} random pairs, LoRA, dropout {dropout:g} / full training",
+                f"peak {peak / gib:.2f} GiB = {peak / full_peak:.2f}x, floor {floor / gib:.2f} GiB, above it "
+                f"{(peak - floor) / gib:.2f} / {(full_peak - full_floor) / gib:.2f} GiB; {speed:.0f} tokens/s = "
+                f"{speed / full_speed:.2f}x")
 
 
 def total_memory():
@@ -714,11 +747,12 @@ def main():
                    help="rows 8's checkpointing settings, of none, selective and full (default: all three)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], help="every other row's compute dtype (default: train.py's)")
     p.add_argument("--rows", type=lambda text: {int(n) for n in text.split(",")}, default=set(range(1, 13)),
-                   help="the row groups to run, e.g. 5,8,9 (default: all; 6 is --gpu's)")
+                   help="the row groups to run, e.g. 5,8,9 (default: 1-12; 6 is --gpu's, 13 needs peft)")
     p.add_argument("--gen-prompts", type=int, default=100, help="row 12's prompts, generated in one batch")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--checkpointing", choices=["none", "selective", "full"], default="none", help=argparse.SUPPRESS)
     p.add_argument("--head", choices=["fused", "whole"], default="fused", help=argparse.SUPPRESS)
+    p.add_argument("--lora-dropout", type=float, default=0.05, help=argparse.SUPPRESS)
     args = p.parse_args()
     device = torch.device(args.device)
     args.dtype = args.dtype or default_dtype(device)[0]
@@ -735,7 +769,7 @@ def main():
         groups = [({1, 2, 3, 4}, lambda: bench_memory(args, bench_training(args, device))), ({5}, bench_clair),
                   ({7}, lambda: bench_scaling(args)), ({9}, lambda: bench_vocabulary(args)),
                   ({10}, lambda: bench_saved(args, device)), ({11}, lambda: bench_dtype(args, device)),
-                  ({12}, lambda: bench_generation(args, device))]
+                  ({12}, lambda: bench_generation(args, device)), ({13}, lambda: bench_lora(args))]
         groups += [({8}, lambda: bench_peer(args))] if args.peer else []
         for rows, run in groups:
             if rows & args.rows:

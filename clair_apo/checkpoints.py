@@ -2,7 +2,9 @@
 
 A checkpoint folder holds:
 - `model.safetensors`, `config.json` and the tokenizer: save_pretrained's files, which any transformers
-  model loads (`--model FOLDER` in train.py and evaluate.py reads only these);
+  model loads (`--model FOLDER` in train.py and evaluate.py reads only these); under --use-peft, in their place,
+  the PEFT adapter folder's `adapter_config.json` and `adapter_model.safetensors` (the adapters alone, over the
+  base model that adapter_config.json names);
 - `trainer_state.json`: the training args, the step, the scheduler state and the Python, numpy and torch
   RNG states, as plain JSON;
 - `optimizer/`: the optimizer state, sharded, in PyTorch's distributed-checkpoint format. Its metadata is a
@@ -28,6 +30,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from clair_apo.adapters import has_adapters, save_adapters, saved_adapters
 from clair_apo.distributed import barrier, rank, unwrap
 from preference_data import DataError, cut_torn_line, read_jsonl
 
@@ -43,7 +46,8 @@ def save_checkpoint(model, tokenizer, optimizer, scheduler, state, folder):
     optimizer/, written to a temporary folder then renamed.
 
     The optimizer state stays sharded: each process writes its own part to optimizer/ with
-    torch.distributed.checkpoint. The weights are gathered on rank 0 alone, one tensor at a time.
+    torch.distributed.checkpoint. The weights are gathered on rank 0 alone, one tensor at a time: under LoRA the
+    adapters alone, the frozen weights being --model's.
     """
     folder = Path(folder)
     tmp = folder.with_name(f".tmp-{folder.name}")
@@ -51,11 +55,17 @@ def save_checkpoint(model, tokenizer, optimizer, scheduler, state, folder):
         shutil.rmtree(tmp, ignore_errors=True)
     barrier()
     dcp.save(get_optimizer_state_dict(model, optimizer), checkpoint_id=tmp / "optimizer")
-    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    adapters = has_adapters(model)
+    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                   ignore_frozen_params=adapters))
     if rank() == 0:
         # gathered one key at a time, a tied weight comes back as two tensors: keep the key save_pretrained keeps
         unique = {name for name, _ in unwrap(model).named_parameters()} | set(dict(unwrap(model).named_buffers()))
-        unwrap(model).save_pretrained(tmp, state_dict={k: v for k, v in weights.items() if k in unique})
+        weights = {k: v for k, v in weights.items() if k in unique}
+        if adapters:
+            save_adapters(model, weights, tmp)
+        else:
+            unwrap(model).save_pretrained(tmp, state_dict=weights)
         tokenizer.save_pretrained(tmp)
         saved = {**state, "scheduler": scheduler.state_dict(), "rng": rng_state()}
         (tmp / STATE).write_text(json.dumps(saved) + "\n")
@@ -126,15 +136,16 @@ def trim_metrics(path, step):
 def load_checkpoint(model, optimizer, scheduler, folder):
     """Restore weights, optimizer, scheduler and RNG from `folder`; return its trainer state.
 
-    Rank 0 reads the weights and broadcasts them as in distributed.wrap_model; each process reads only its
-    own part of the optimizer state."""
+    Rank 0 reads the weights (under LoRA the adapters alone) and broadcasts them as in distributed.wrap_model;
+    each process reads only its own part of the optimizer state."""
     from transformers import AutoModelForCausalLM
 
     state = checkpoint_state(folder)
-    weights = {}
+    adapters, weights = has_adapters(model), {}
     if rank() == 0:
-        weights = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).state_dict()
-    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True,
+        weights = (saved_adapters(model, folder) if adapters
+                   else AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).state_dict())
+    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, ignore_frozen_params=adapters,
                                                                   broadcast_from_rank0=dist.is_initialized()))
     del weights  # rank 0's full copy, freed before the optimizer state is allocated
     optim = get_optimizer_state_dict(model, optimizer)  # this process's part, allocated, to be filled in place
@@ -148,7 +159,7 @@ def load_checkpoint(model, optimizer, scheduler, folder):
 # Flags that may change on --resume: they do not change what is computed (a copied run folder is resumable;
 # checkpointing recomputes the same activations).
 RESUME_MAY_CHANGE = {"resume", "out", "log_every", "eval_every", "save_every", "write_ref_logps",
-                     "gradient_checkpointing", "dtype_source"}
+                     "gradient_checkpointing", "dtype_source", "report_to"}
 
 
 def checkpoint_to_resume(args):

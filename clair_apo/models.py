@@ -7,6 +7,7 @@ can fix (a missing package, a model without a chat template) raise ModelError wi
 
 import functools
 import importlib.util
+import json
 import os
 import platform
 import subprocess
@@ -14,6 +15,8 @@ from pathlib import Path
 
 import torch
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+from preference_data import optional_import
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 CACHE_DIR = Path(os.environ.get("CLAIR_APO_CACHE", Path.home() / ".cache" / "clair_apo"))
@@ -56,13 +59,16 @@ def load_model(name, device="cpu", attn_implementation=None, weights=True):
     """Tokenizer and float32 causal LM for `name` (a path, a hub id, or the embedded default).
 
     weights=False reads no weights: the model is built on the meta device, without storage, for the
-    processes that receive their weights from rank 0 (distributed.wrap_model).
+    processes that receive their weights from rank 0 (distributed.wrap_model). A PEFT adapter folder (train.py
+    --use-peft's checkpoint) loads as its base model with the adapters merged in (load_adapter_folder).
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging
 
     logging.disable_progress_bar()
     path = resolve_model(name)
+    if (Path(path) / "adapter_config.json").exists():
+        return load_adapter_folder(path, device, attn_implementation, weights)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.chat_template is None:
         raise ModelError(f"{name}: the tokenizer has no chat template; use a chat (instruct) model")
@@ -79,6 +85,21 @@ def load_model(name, device="cpu", attn_implementation=None, weights=True):
         hint = "; pip install flash-attn" if "flash" in (attn_implementation or "") else ""
         raise ModelError(f"--attn-implementation {attn_implementation}: {str(e).splitlines()[0]}{hint}") from None
     return tokenizer, model.to(device)
+
+
+def load_adapter_folder(folder, device, attn_implementation, weights):
+    """Tokenizer and model of a PEFT adapter folder: the base model its adapter_config.json names, the adapters
+    merged into its weights, W + s * B A (peft's merge_and_unload: a plain model, as deployed), the tokenizer
+    the folder's own. Without `weights`, the base alone on the meta device, as load_model builds it."""
+    from transformers import AutoTokenizer
+
+    base = json.loads((Path(folder) / "adapter_config.json").read_text())["base_model_name_or_path"]
+    _, model = load_model(base, device, attn_implementation, weights)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if not weights:
+        return tokenizer, model
+    peft = optional_import("peft", f"{folder}: a LoRA adapter folder")
+    return tokenizer, peft.PeftModel.from_pretrained(model, folder).merge_and_unload()
 
 
 def setting_error(max_length, max_prompt_length, attn_implementation, dtype):

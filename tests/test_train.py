@@ -30,6 +30,7 @@ from benchmarks.testbed import arithmetic_pairs, make_tiny_model, padded_pass, w
 from clair_apo import chat_tokens
 from clair_apo import metrics
 from clair_apo import models
+from clair_apo.objective import Objective
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -720,7 +721,8 @@ def test_token_log_probs_are_float32_from_the_heads_bf16_logits(tiny_model):
 def test_pair_metrics_are_means_over_pairs_and_a_tie_is_not_accurate():
     policy = torch.tensor([[-1.0, -3.0], [-2.0, -2.0]], dtype=torch.float64)
     ref = torch.full((2, 2), -2.0, dtype=torch.float64)
-    means = metrics.pair_metrics(policy, ref, LOSSES["apo_zero"], beta=0.5)  # r_w, r_l: (0.5, -0.5), (0, 0)
+    # r_w, r_l: (0.5, -0.5), (0, 0)
+    means = metrics.pair_metrics(policy, ref, Objective({"apo_zero": 1.0}, beta=0.5), chosen_tokens=6)
     sigmoid = lambda x: 1 / (1 + math.exp(-x))
     assert means == pytest.approx({"loss": (1 - sigmoid(0.5) + sigmoid(-0.5) + 1) / 2, "rewards/chosen": 0.25,
                                      "rewards/rejected": -0.25, "rewards/margins": 0.5, "rewards/accuracies": 0.5,
@@ -753,7 +755,7 @@ def test_the_step_takes_the_gradient_of_the_mean_loss_over_its_pairs(tiny_model)
     mean_loss.backward()
     expected = torch.stack([p.grad.norm() for p in model.parameters()]).norm().item()
     model.zero_grad(set_to_none=True)
-    args = types.SimpleNamespace(loss="apo_zero", beta=0.1, dtype="fp32", max_grad_norm=0.0)
+    args = types.SimpleNamespace(loss=["apo_zero"], loss_weights=[1.0], beta=0.1, dtype="fp32", max_grad_norm=0.0)
     step = batching.Step(epoch=0, micro_batches=[[0, 1], [2, 3]], pairs_in_step=4)
     logged = train.train_step(model, torch.optim.SGD(model.parameters(), lr=0.0), step,
                               data=train.PairSet(pairs, ref), batching=padded_pass(2).batching, args=args)

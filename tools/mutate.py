@@ -42,7 +42,7 @@ LEFT_OUT = shutil.ignore_patterns(".git", "__pycache__", ".pytest_cache", "runs"
 # in tests/.
 TRAIN, FAMILIES, CUDA = "tests/test_train.py::", "tests/test_families.py::", "tests/test_cuda_path.py::"
 CLAIR, EVALUATE, EXPERIMENT = "tests/test_clair.py::", "tests/test_evaluate.py::", "tests/test_experiment.py::"
-CHECKPOINTS = "tests/test_checkpoints.py::"
+CHECKPOINTS, OBJECTIVE = "tests/test_checkpoints.py::", "tests/test_objective.py::"
 TESTS = {
     "losses": ["test_losses.py"],
     "log-probs": [TRAIN + "test_pairs_logps_gives_every_pair_its_own_log_probs_in_any_batch_size",
@@ -117,6 +117,10 @@ TESTS = {
                    EXPERIMENT + "test_bootstrap_known_answers", EXPERIMENT + "test_holm_known_answers",
                    EXPERIMENT + "test_decision_rule_on_synthetic_arms",
                    EXPERIMENT + "test_the_decision_takes_holms_p_not_the_raw_one", EXPERIMENT + "test_t_interval"],
+    "sft": [OBJECTIVE + "test_apo_zero_alone_is_todays_step_bit_for_bit",
+            OBJECTIVE + "test_the_sft_term_is_the_mean_token_nll_of_the_chosen_completions",
+            OBJECTIVE + "test_micro_batching_does_not_change_the_sft_step",
+            OBJECTIVE + "test_sft_alone_raises_the_chosen_and_logs_its_loss"],
     "matcher": [EVALUATE + "test_answer_matching_of_separators_number_words_and_hyphens",
                 EVALUATE + "test_answer_matching"],
 }
@@ -192,8 +196,8 @@ MUTANTS = [
     # clair_apo/metrics.py: TRL's metrics
     M("clair_apo/metrics.py", "pair_stats", "(r_w > r_l).float()", "(r_w >= r_l).float()", "metrics"),
     M("clair_apo/metrics.py", "pair_stats", "r_w, r_l, r_w - r_l", "r_w, r_l, r_l - r_w", "metrics"),
-    M("clair_apo/metrics.py", "pair_metrics", "loss_fn(pc, pr, rc, rr, beta)", "loss_fn(pc, pr, rr, rc, beta)",
-      "metrics"),
+    M("clair_apo/metrics.py", "pair_metrics", "objective.pair_losses(pc, pr, rc, rr)",
+      "objective.pair_losses(pc, pr, rr, rc)", "metrics"),
     # clair_apo/reference_cache.py: the cache and its key
     M("clair_apo/reference_cache.py", "compute_mode", 'dtype == "bf16" and fsdp', 'dtype == "bf16" or fsdp', "cache"),
     M("clair_apo/reference_cache.py", "weights_fingerprint", 'if k != "_name_or_path"', "", "cache"),
@@ -220,11 +224,11 @@ MUTANTS = [
       equivalent="every completion keeps at least one token (its end of turn), so no count is missing at the end"),
     M("train.py", "step_zero", "if not gap <= tol:", "if gap > tol:", "step-0"),
     M("train.py", "step_zero", "REF_CHECK_TOL[args.dtype]", 'REF_CHECK_TOL["bf16"]', "step-0"),
-    M("train.py", "train_step", "* world_size() / step.pairs_in_step).backward()", "* world_size()).backward()",
+    M("train.py", "train_step", "losses.sum() * world_size() / step.pairs_in_step", "losses.sum() * world_size()",
       "step"),
-    M("train.py", "train_step", "* world_size() / step.pairs_in_step).backward()",
-      "* world_size() / len(indices)).backward()", "step"),
-    M("train.py", "train_step", "v / step.pairs_in_step for", "v / len(step.micro_batches) for", "step"),
+    M("train.py", "train_step", "losses.sum() * world_size() / step.pairs_in_step",
+      "losses.sum() * world_size() / len(indices)", "step"),
+    M("train.py", "train_step", "means(totals, step.pairs_in_step,", "means(totals, len(step.micro_batches),", "step"),
     M("train.py", "train_step", "optimizer.step()\n    optimizer.zero_grad(set_to_none=True)", "optimizer.step()",
       "step"),
     # clair_apo/checkpoints.py: exact resume, and which flags may change on it (moved from train.py: last, so
@@ -334,6 +338,16 @@ MUTANTS = [
     M("evaluate.py", "normalise", '.decode().lower()', '.decode()', "matcher"),
     M("evaluate.py", "matches", 'f" {normalise(answer)} " in f" {normalise(response)} "',
       "normalise(answer) in normalise(response)", "matcher"),
+    # clair_apo/objective.py, and the SFT term in the step and the metrics
+    M("clair_apo/objective.py", "sft_loss", "-policy_chosen_logps.sum() / chosen_tokens",
+      "policy_chosen_logps.sum() / chosen_tokens", "sft"),
+    M("clair_apo/objective.py", "Objective.pair_losses", "weight * LOSSES[name]", "LOSSES[name]", "sft"),
+    M("clair_apo/metrics.py", "means", 'objective.terms[SFT] * metrics["nll_loss"]', 'metrics["nll_loss"]', "sft"),
+    M("clair_apo/metrics.py", "means", '-totals[METRICS.index("logps/chosen")]',
+      '-totals[METRICS.index("logps/rejected")]', "sft"),
+    M("train.py", "chosen_tokens_in_step", 'len(pairs[i]["chosen"])', 'len(pairs[i]["rejected"])', "sft"),
+    M("train.py", "train_step", "world_size() * sft_loss(policy_chosen, chosen_tokens)",
+      "world_size() * sft_loss(policy_chosen, len(indices))", "sft"),
 ]
 
 
