@@ -18,9 +18,10 @@ class TensorBoard:
     `first_step` is the step the run starts from: TensorBoard hides what earlier event files in the folder
     hold from that step on (a killed run's records after its checkpoint, or a whole earlier run at step 0),
     as train.py trims metrics.jsonl."""
+    package = "tensorboard"  # what torch.utils.tensorboard needs installed
 
     def __init__(self, folder, first_step):
-        optional_import("tensorboard", "--report-to tensorboard")
+        optional_import(self.package, "--report-to tensorboard")
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(folder, purge_step=first_step)
@@ -38,9 +39,10 @@ REPORTERS = {"tensorboard": TensorBoard}
 
 
 def check_installed(report_to):
-    """Raise DataError, naming the package, when --report-to `report_to` cannot be imported: before any long work."""
+    """Raise DataError, naming the package, when the tracker --report-to `report_to` names cannot be imported:
+    called before any long work."""
     if report_to != "none":
-        optional_import(report_to, f"--report-to {report_to}")
+        optional_import(REPORTERS[report_to].package, f"--report-to {report_to}")
 
 
 def open_trackers(report_to, folder, first_step):

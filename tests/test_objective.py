@@ -128,6 +128,32 @@ def test_apo_zero_alone_is_todays_step_bit_for_bit(tiny_model):
     assert list(logged)[:len(METRICS)] == METRICS and "nll_loss" not in logged
 
 
+def test_the_step_takes_the_gradient_of_the_pooled_sft_term(tiny_model):
+    """Two micro-batches of two pairs under --loss sft: nll_loss and the gradient are those of every chosen token's
+    negative log-likelihood over the four pairs' chosen tokens together."""
+    tokenizer, model = models.load_model(tiny_model)
+    models.disable_dropout(model)
+    rows = arithmetic_pairs(4)
+    for row in rows:
+        row["prompt"] = [{"role": "user", "content": row["prompt"]}]
+    pairs, _ = chat_tokens.tokenize_pairs(tokenizer, rows, 512, 192)
+    ref = logprobs.pairs_logps(model, pairs, padded_pass(4))
+    model.train()
+    chosen = logprobs.sequence_logps(model, batching.padded(pairs, [0, 1, 2, 3], "cpu")).view(2, -1)[0]
+    nll = -chosen.sum() / sum(len(pair["chosen"]) for pair in pairs)
+    nll.backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    args = train.parse_args(["--loss", "sft", "--dtype", "fp32", "--max-grad-norm", "0"])
+    optimizer = Captured(model.parameters(), lr=0.0)
+    step = batching.Step(epoch=0, micro_batches=[[0, 1], [2, 3]], pairs_in_step=4)
+    logged = train.train_step(model, optimizer, step, data=train.PairSet(pairs, ref), batching=padded_pass(2).batching,
+                              args=args)
+    assert logged["nll_loss"] == pytest.approx(nll.item(), rel=1e-9) and logged["loss"] == logged["nll_loss"]
+    for got, want in zip(optimizer.grads, expected):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--loss", "apo_zero", "apo_zero"], "--loss names a loss twice"),
     (["--loss", "apo_zero", "sft", "--loss-weights", "1.0"], "--loss-weights takes one weight per --loss: 1 given"),

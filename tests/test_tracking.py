@@ -5,9 +5,10 @@ import shutil
 import sys
 
 import pytest
+import transformers
 
 import train
-from benchmarks.testbed import arithmetic_pairs, write_jsonl
+from benchmarks.testbed import arithmetic_pairs, make_tiny_model, write_jsonl
 
 
 def run(tmp_path, model, out, *flags):
@@ -38,8 +39,10 @@ def as_tensorboard(metrics):
     return expected
 
 
-def test_every_metric_reaches_tensorboard_at_its_step(tmp_path, tiny_model, ref_cache):
-    metrics = run(tmp_path, tiny_model, tmp_path / "run", "--max-steps", "3", "--eval-every", "2",
+@pytest.mark.parametrize("family", ["Llama", "Qwen2"])
+def test_every_metric_reaches_tensorboard_at_its_step(tmp_path, tiny_model, ref_cache, family):
+    model = tiny_model if family == "Llama" else make_tiny_model(tmp_path / family, config_class=transformers.Qwen2Config)
+    metrics = run(tmp_path, model, tmp_path / "run", "--max-steps", "3", "--eval-every", "2",
                   "--loss", "apo_zero", "sft")
     found, expected = scalars(tmp_path / "run" / "tensorboard"), as_tensorboard(metrics)
     assert {"train/loss", "train/nll_loss", "train/rewards/chosen", "eval/rewards/margins", "eval/nll_loss",
