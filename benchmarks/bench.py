@@ -431,12 +431,13 @@ def bench_lora(args):
         return
     gib = 2 ** 30
     for n in args.peer_pairs:
-        tokens, full_speed, full_peak, full_floor = in_child(args, "scale", n)
+        full = measured_step(args, "scale", n)
+        tokens, full_speed, full_peak, full_floor = full.tokens, full.speed, full.peak, full.floor
         row(f"13. {n} random pairs ({tokens:.0f} tokens), full training", f"peak {full_peak / gib:.2f} GiB, floor "
             f"{full_floor / gib:.2f} GiB, {full_speed:.0f} tokens/s")
         for dropout in (train_args("fp32").lora_dropout, 0.0):
-            _, speed, peak, floor = in_child(argparse.Namespace(**{**vars(args), "lora_dropout": dropout}),
-                                             "scale-lora", n)
+            lora = measured_step(argparse.Namespace(**{**vars(args), "lora_dropout": dropout}), "scale-lora", n)
+            speed, peak, floor = lora.speed, lora.peak, lora.floor
             row(f"13. {n} random pairs, LoRA, dropout {dropout:g} / full training",
                 f"peak {peak / gib:.2f} GiB = {peak / full_peak:.2f}x, floor {floor / gib:.2f} GiB, above it "
                 f"{(peak - floor) / gib:.2f} / {(full_peak - full_floor) / gib:.2f} GiB; {speed:.0f} tokens/s = "
