@@ -1,6 +1,7 @@
 """The machinery beneath train.py, evaluate.py, diagnose.py and `clair.py sample`, one concept a file.
 
 In the order data flows through it:
+    train_flags.py      train.py's flags, in groups, each documented where it is declared
     models.py           loading a causal LM (the embedded SmolLM2 included), its settings, dtype and device
     chat_tokens.py      prompt and completion token ids through the chat template, truncation
     batching.py         which pairs form a micro-batch; padded, packed and one-row layouts
