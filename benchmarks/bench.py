@@ -574,8 +574,7 @@ def bench_generation(args, device):
     """Row 12: generation.generate's seeded sampling against plain model.generate(do_sample=True), the same
     prompts in one batch, the same temperature, top-p, limit and dtype, alternating; generated tokens (up to
     each answer's end) per second."""
-    from clair_apo.chat_tokens import chat_ids
-    from clair_apo.generation import Decoding, finishes, generate
+    from clair_apo.generation import Decoding, finishes, generate, prompt_batch
 
     tokenizer, model = load_model(model_path(args), device)
     model.eval()
@@ -588,14 +587,11 @@ def bench_generation(args, device):
             return sum(generate(model, tokenizer, prompts, decoding, seeds=list(range(len(prompts))))[2])
 
         def plain():
-            ids = [chat_ids(tokenizer, [{"role": "user", "content": p}], add_generation_prompt=True) for p in prompts]
-            width, pad = max(map(len, ids)), tokenizer.pad_token_id
-            input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=device)
-            mask = (torch.arange(width) >= torch.tensor([width - len(x) for x in ids])[:, None]).long().to(device)
+            input_ids, mask, pad = prompt_batch(tokenizer, prompts, device)
             with torch.no_grad(), autocast(device, dtype):
                 output = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=40, do_sample=True,
-                                        temperature=0.7, top_p=0.9, top_k=0, pad_token_id=pad)[:, width:]
-            return sum(finishes(model, tokenizer, output)[1])
+                                        temperature=0.7, top_p=0.9, top_k=0, pad_token_id=pad)
+            return sum(finishes(model, tokenizer, output[:, input_ids.shape[1]:])[1])
 
         rates = {"ours": [], "plain": []}
         for name, run in (("ours", ours), ("plain", plain)) * args.repeats:

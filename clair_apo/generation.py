@@ -32,11 +32,8 @@ def generate(model, tokenizer, prompts, decoding, seeds=None):
     prompt draws from its own generator, seeded by `seeds` (one per prompt; drawn from torch's global generator
     when None). The prompts' token ids are training's, left-padded under an attention mask; a tokenizer without
     a pad token (Llama-3) pads with its end-of-sequence id."""
-    ids = [chat_ids(tokenizer, as_messages(p), add_generation_prompt=True) for p in prompts]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    width = max(map(len, ids))
-    input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=model.device)
-    attention_mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=model.device)
+    input_ids, attention_mask, pad = prompt_batch(tokenizer, prompts, model.device)
+    width = input_ids.shape[1]
     sampling = {}
     if decoding.temperature > 0:
         seeds = torch.randint(2 ** 62, (len(prompts),)).tolist() if seeds is None else seeds
@@ -46,6 +43,17 @@ def generate(model, tokenizer, prompts, decoding, seeds=None):
                                 pad_token_id=pad, do_sample=False, **sampling)[:, width:]
     answers = [a.strip() for a in tokenizer.batch_decode(output, skip_special_tokens=True)]
     return answers, *finishes(model, tokenizer, output)
+
+
+def prompt_batch(tokenizer, prompts, device):
+    """(input ids, attention mask, pad id) of `prompts` with the generation prompt, left-padded: training's token
+    ids (chat template, its BOS only, the same date). Without a pad token (Llama-3) the end-of-sequence id pads."""
+    ids = [chat_ids(tokenizer, as_messages(p), add_generation_prompt=True) for p in prompts]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    width = max(map(len, ids))
+    input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=device)
+    attention_mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device)
+    return input_ids, attention_mask, pad
 
 
 def seeded_sampling(seeds, decoding, device):
