@@ -15,6 +15,7 @@ import time
 import torch
 
 from clair_apo.batching import padded
+from clair_apo.chat_tokens import tokenize_pairs
 from clair_apo.logprobs import Batching, LogprobPass, sequence_logps
 
 # SmolLM2's chat template: a default system turn, then <|im_start|>role\ncontent<|im_end|>\n per message.
@@ -155,6 +156,14 @@ class ChatServer:
     def __exit__(self, *exc):
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+def chat_token_pairs(tokenizer, n, seed=0):
+    """The token ids of `n` arithmetic_pairs, each prompt one user turn, as train.py tokenises them."""
+    rows = arithmetic_pairs(n, seed=seed)
+    for row in rows:
+        row["prompt"] = [{"role": "user", "content": row["prompt"]}]
+    return tokenize_pairs(tokenizer, rows, 512, 256)[0]
 
 
 def padded_pass(batch_size, logps=sequence_logps, device="cpu", dtype="fp32"):

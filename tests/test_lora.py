@@ -14,8 +14,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import diagnose
 import evaluate
 import train
-from benchmarks.testbed import arithmetic_pairs, make_tiny_model, write_jsonl
-from clair_apo import batching, chat_tokens, models
+from benchmarks.testbed import arithmetic_pairs, chat_token_pairs, make_tiny_model, write_jsonl
+from clair_apo import batching, models
 from clair_apo.adapters import Lora, add_adapters, frozen_weights_in_bf16
 from clair_apo.fused_head import fused_sequence_logps
 from tests.test_train import torchrun
@@ -130,10 +130,7 @@ def test_the_frozen_head_computes_no_weight_gradient(tiny_model):
     product in the backward; the adapters get theirs."""
     tokenizer, model = models.load_model(tiny_model)
     models.disable_dropout(model)
-    rows = arithmetic_pairs(2)
-    for row in rows:
-        row["prompt"] = [{"role": "user", "content": row["prompt"]}]
-    pairs, _ = chat_tokens.tokenize_pairs(tokenizer, rows, 512, 192)
+    pairs = chat_token_pairs(tokenizer, 2)
     model = add_adapters(model, Lora(r=4, alpha=8, dropout=0.0, target_modules=["all-linear"]), base=tiny_model)
     model.train()
     head = model.get_output_embeddings()

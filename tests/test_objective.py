@@ -9,8 +9,8 @@ import transformers
 import evaluate
 import train
 from apo import apo_zero_loss
-from benchmarks.testbed import arithmetic_pairs, make_tiny_model, padded_pass, write_jsonl
-from clair_apo import batching, chat_tokens, logprobs, models
+from benchmarks.testbed import arithmetic_pairs, chat_token_pairs, make_tiny_model, padded_pass, write_jsonl
+from clair_apo import batching, logprobs, models
 from clair_apo.metrics import METRICS
 
 
@@ -49,10 +49,7 @@ def test_the_sft_term_is_the_mean_token_nll_of_the_chosen_completions(tmp_path, 
     metrics = run(tmp_path, tiny_model, "run", "--loss", "apo_zero", "sft", "--loss-weights", "2.0", "0.25",
                   "--max-steps", "1")
     tokenizer, model = models.load_model(tiny_model)
-    rows = arithmetic_pairs(16)
-    for row in rows:
-        row["prompt"] = [{"role": "user", "content": row["prompt"]}]
-    pairs, _ = chat_tokens.tokenize_pairs(tokenizer, rows, 512, 192)
+    pairs = chat_token_pairs(tokenizer, 16)
     chosen = logprobs.pairs_logps(model, pairs, padded_pass(4))[:, 0]
     tokens = torch.tensor([len(p["chosen"]) for p in pairs], dtype=torch.float64)
     assert (tokens.min() < tokens.max()) and not torch.isclose(chosen.sum() / tokens.sum(), (chosen / tokens).mean())
@@ -106,10 +103,7 @@ def test_apo_zero_alone_is_todays_step_bit_for_bit(tiny_model):
     """--loss apo_zero (weight 1) takes the gradient of apo.apo_zero_loss's mean over the step, bit for bit."""
     tokenizer, model = models.load_model(tiny_model)
     models.disable_dropout(model)
-    rows = arithmetic_pairs(4)
-    for row in rows:
-        row["prompt"] = [{"role": "user", "content": row["prompt"]}]
-    pairs, _ = chat_tokens.tokenize_pairs(tokenizer, rows, 512, 192)
+    pairs = chat_token_pairs(tokenizer, 4)
     ref = logprobs.pairs_logps(model, pairs, padded_pass(4)) - 0.5  # rewards away from 0
     model.train()
     for micro_batch in ([0, 1], [2, 3]):
@@ -133,10 +127,7 @@ def test_the_step_takes_the_gradient_of_the_pooled_sft_term(tiny_model):
     negative log-likelihood over the four pairs' chosen tokens together."""
     tokenizer, model = models.load_model(tiny_model)
     models.disable_dropout(model)
-    rows = arithmetic_pairs(4)
-    for row in rows:
-        row["prompt"] = [{"role": "user", "content": row["prompt"]}]
-    pairs, _ = chat_tokens.tokenize_pairs(tokenizer, rows, 512, 192)
+    pairs = chat_token_pairs(tokenizer, 4)
     ref = logprobs.pairs_logps(model, pairs, padded_pass(4))
     model.train()
     chosen = logprobs.sequence_logps(model, batching.padded(pairs, [0, 1, 2, 3], "cpu")).view(2, -1)[0]

@@ -26,7 +26,7 @@ import preference_data
 from clair_apo import reference_cache
 import train
 from apo import LOSSES
-from benchmarks.testbed import arithmetic_pairs, make_tiny_model, padded_pass, write_jsonl
+from benchmarks.testbed import arithmetic_pairs, chat_token_pairs, make_tiny_model, padded_pass, write_jsonl
 from clair_apo import chat_tokens
 from clair_apo import metrics
 from clair_apo import models
@@ -680,17 +680,10 @@ def test_resume_with_other_flags_is_refused(tmp_path, tiny_model, ref_cache):
         run_train(tmp_path, tiny_model, "run", *args, "--resume", "--beta", "0.2", "--seed", "1", "--log-every", "2")
 
 
-def chat_pairs(tokenizer, n):
-    rows = arithmetic_pairs(n)
-    for row in rows:
-        row["prompt"] = [{"role": "user", "content": row["prompt"]}]
-    return chat_tokens.tokenize_pairs(tokenizer, rows, 512, 256)[0]
-
-
 def test_log_probs_in_chunks_with_or_without_grad_equal_one_chunk(tiny_model, monkeypatch):
     tokenizer, model = models.load_model(tiny_model)
     model.eval()
-    batch = batching.padded(chat_pairs(tokenizer, 3), [0, 1, 2], "cpu")
+    batch = batching.padded(chat_token_pairs(tokenizer, 3), [0, 1, 2], "cpu")
     with torch.no_grad():
         whole = logprobs.sequence_logps(model, batch)  # the definition: no chunks
         monkeypatch.setattr(fused_head, "CHUNK_LOGITS", 7 * model.config.vocab_size)  # chunks of 7 targets
@@ -747,7 +740,7 @@ def test_the_step_takes_the_gradient_of_the_mean_loss_over_its_pairs(tiny_model)
     """Two micro-batches of two pairs: grad_norm and loss are those of the mean loss over the four."""
     tokenizer, model = models.load_model(tiny_model)
     models.disable_dropout(model)
-    pairs = chat_pairs(tokenizer, 4)
+    pairs = chat_token_pairs(tokenizer, 4)
     ref = logprobs.pairs_logps(model, pairs, padded_pass(4))
     model.train()
     policy_chosen, policy_rejected = logprobs.sequence_logps(model, batching.padded(pairs, [0, 1, 2, 3], "cpu")).view(2, -1)
@@ -827,7 +820,7 @@ def test_the_plan_deals_each_epochs_pairs_once_in_steps_of_grad_accum_micro_batc
 def test_pairs_logps_gives_every_pair_its_own_log_probs_in_any_batch_size(tiny_model):
     """Five pairs in batches of three: the last, short batch included, each row is that pair's own forward."""
     tokenizer, model = models.load_model(tiny_model)
-    pairs = chat_pairs(tokenizer, 5)
+    pairs = chat_token_pairs(tokenizer, 5)
     model.eval()
     with torch.no_grad():
         alone = torch.stack([logprobs.sequence_logps(model, batching.padded(pairs, [i], "cpu")) for i in range(5)])
