@@ -33,12 +33,14 @@ normalisation evaluate.py's.
 """
 
 import argparse
+import itertools
 import json
 import random
 import re
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -87,18 +89,42 @@ desert eagle falcon ginger helmet jungle kettle lemon meadow noodle oyster parro
 valley walnut lantern marble cotton copper cheese blanket cabinet chicken diamond harbor kingdom library morning
 picture pumpkin thunder village whistle battery captain dolphin feather giraffe holiday journey kitchen machine
 number ocean painter quarter rubber sunset teacher violin weather""".split()
+OPPOSITES = {"hot": ["cold"], "big": ["small", "little"], "up": ["down"], "day": ["night"], "happy": ["sad"],
+             "fast": ["slow"], "open": ["closed", "shut"], "wet": ["dry"], "hard": ["soft", "easy"],
+             "full": ["empty"], "rich": ["poor"], "early": ["late"], "left": ["right"], "black": ["white"],
+             "yes": ["no"], "win": ["lose"], "love": ["hate"], "good": ["bad", "evil"], "high": ["low"],
+             "push": ["pull"], "top": ["bottom"], "north": ["south"], "east": ["west"], "first": ["last"],
+             "always": ["never"], "thick": ["thin"], "clean": ["dirty"], "strong": ["weak"],
+             "loud": ["quiet", "soft"], "inside": ["outside"], "buy": ["sell"], "start": ["finish", "end", "stop"],
+             "question": ["answer"], "true": ["false"], "alive": ["dead"], "cheap": ["expensive"],
+             "friend": ["enemy"], "summer": ["winter"], "boy": ["girl"], "king": ["queen"], "sweet": ["sour", "bitter"],
+             "light": ["dark", "heavy"], "old": ["young", "new"], "tall": ["short"], "long": ["short"],
+             "remember": ["forget"], "laugh": ["cry"], "give": ["take", "receive"], "near": ["far"],
+             "empty": ["full"]}
+PLURALS = {"cat": "cats", "dog": "dogs", "child": "children", "mouse": "mice", "box": "boxes", "foot": "feet",
+           "tooth": "teeth", "man": "men", "woman": "women", "goose": "geese", "book": "books", "city": "cities",
+           "baby": "babies", "leaf": "leaves", "knife": "knives", "wolf": "wolves", "bus": "buses",
+           "church": "churches", "dish": "dishes", "person": "people", "car": "cars", "tree": "trees",
+           "house": "houses", "story": "stories", "party": "parties", "potato": "potatoes", "tomato": "tomatoes",
+           "hero": "heroes", "fox": "foxes", "watch": "watches", "glass": "glasses", "class": "classes",
+           "apple": "apples", "bird": "birds", "horse": "horses", "chair": "chairs", "table": "tables",
+           "star": "stars", "river": "rivers", "shoe": "shoes", "hand": "hands", "wife": "wives",
+           "life": "lives", "half": "halves", "country": "countries", "key": "keys", "boy": "boys", "girl": "girls",
+           "lady": "ladies", "brush": "brushes"}
 DAYS = "Monday Tuesday Wednesday Thursday Friday Saturday Sunday".split()
-MONTHS = "January February March April May June July August September October November December".split()
 UNITS = [("hours", "minutes", 60), ("minutes", "seconds", 60), ("days", "hours", 24), ("weeks", "days", 7),
          ("years", "months", 12), ("meters", "centimeters", 100), ("kilometers", "meters", 1000),
          ("kilograms", "grams", 1000), ("feet", "inches", 12), ("liters", "milliliters", 1000)]
-# Questions per kind, 500 in all; every tenth question of a kind goes to validation, two to test.
-KIND_COUNTS = {"capital": 90, "addition": 50, "subtraction": 40, "multiplication": 40, "units": 60, "weekday": 40,
-               "month": 50, "letter_count": 40, "first_letter": 30, "last_letter": 30, "neighbour": 30}
-SPLIT_PATTERN = ["test", "train", "train", "train", "val", "train", "test", "train", "train", "train"]
+# Questions per kind, 470 in all: seven kinds whose content the pilot found SmolLM2 often knows, and three
+# (two-digit sums and differences, weekdays) whose content it rarely does, where a revision must change the
+# answer itself. Of every ten questions of a kind, five go to train, two to validation, three to test.
+KIND_COUNTS = {"capital": 80, "first_letter": 40, "opposite": 50, "plural": 50, "multiplication": 60,
+               "small_sum": 70, "units": 60, "addition": 20, "subtraction": 20, "weekday": 20}
+SPLIT_PATTERN = ["test", "train", "val", "train", "test", "train", "train", "val", "test", "train"]
 QUESTION_SEED = 2024
 FORM = "Reply in one short sentence that ends with the answer."
 LOWERCASE = "Use only lowercase letters."
+MIN_WORDS = 3  # a sentence, not a bare answer: at least three words with a letter or digit
 
 
 def question(kind, text, keys, distractors, phrasings):
@@ -144,51 +170,59 @@ def unit_questions(rng):
                         f"Each of the {n} {big} holds {factor} {small}, which makes {value} {small}."])
 
 
-def calendar_questions(rng):
-    for names, kind, unit in ((DAYS, "weekday", "days"), (MONTHS, "month", "months")):
-        what = "day of the week" if kind == "weekday" else "month"
-        cases = [(start, step) for start in range(len(names)) for step in (-1, 1, 2, 3, 4, 5, 6)]
-        for start, step in rng.sample(cases, len(cases)):
-            name, answer = names[start], names[(start + step) % len(names)]
-            text = (f"What {what} comes right {'after' if step == 1 else 'before'} {name}?" if abs(step) == 1
-                    else f"What {what} is {step} {unit} after {name}?")
-            after = {-1: "right before", 1: "right after"}.get(step, f"{step} {unit} after")
-            yield question(kind, text, [answer], rng.sample([n for n in names if n != answer], 3),
-                           [f"It is {answer}.", f"The {what} {after} {name} is {answer}.",
-                            f"Counting on the calendar from {name} lands on {answer}."])
+def weekday_questions(rng):
+    cases = [(start, step) for start in range(len(DAYS)) for step in (-1, 1, 2, 3, 4, 5, 6)]
+    for start, step in rng.sample(cases, len(cases)):
+        name, answer = DAYS[start], DAYS[(start + step) % len(DAYS)]
+        text = (f"What day of the week comes right {'after' if step == 1 else 'before'} {name}?" if abs(step) == 1
+                else f"What day of the week is {step} days after {name}?")
+        after = {-1: "right before", 1: "right after"}.get(step, f"{step} days after")
+        yield question("weekday", text, [answer], rng.sample([n for n in DAYS if n != answer], 3),
+                       [f"It is {answer}.", f"The day of the week {after} {name} is {answer}.",
+                        f"Counting on the calendar from {name} lands on {answer}."])
 
 
-def word_questions(rng):
-    words = rng.sample(WORDS, len(WORDS))
-    for word in words[:40]:
-        n = len(word)
-        yield question("letter_count", f"How many letters are in the word '{word}'?", [n, f"{n} letters"],
-                       near_numbers(n, rng), [f"It has {n}.", f"The word '{word}' has {n} letters.",
-                                              f"Spelling out '{word}' one letter at a time counts {n} letters."])
-    for word, (kind, index) in zip(words[40:], [("first_letter", 0), ("last_letter", -1)] * 40):
-        letter, where = word[index], "first" if index == 0 else "last"
-        yield question(kind, f"What is the {where} letter of the word '{word}'?", [letter],
+def first_letter_questions(rng):
+    for word in rng.sample(WORDS, KIND_COUNTS["first_letter"]):
+        letter = word[0]
+        yield question("first_letter", f"What is the first letter of the word '{word}'?", [letter],
                        rng.sample([c for c in "abcdefghijklmnoprstuwy" if c != letter], 3),
-                       [f"It is {letter}.", f"The {where} letter of '{word}' is {letter}.",
-                        f"Written out, the word '{word}' has as its {where} letter the letter {letter}."])
+                       [f"It is {letter}.", f"The first letter of '{word}' is {letter}.",
+                        f"Written out, the word '{word}' has as its first letter the letter {letter}."])
 
 
-def neighbour_questions(rng):
-    for n, step in rng.sample([(n, s) for n in range(11, 1000) for s in (-1, 1)], 200):
-        side = "after" if step == 1 else "before"
-        yield question("neighbour", f"What number comes right {side} {n}?", [n + step], [n, n - step, n + 2 * step],
-                       [f"It is {n + step}.", f"The number right {side} {n} is {n + step}.",
-                        f"Counting {'up' if step == 1 else 'down'} by one from {n} gives {n + step}."])
+def small_sum_questions(rng):
+    for a, b in rng.sample([(x, y) for x in range(1, 10) for y in range(1, 10)], 81):
+        yield question("small_sum", f"What is {a} plus {b}?", [a + b], near_numbers(a + b, rng),
+                       [f"It is {a + b}.", f"{a} plus {b} equals {a + b}.", f"Adding {a} and {b} gives {a + b}."])
+
+
+def opposite_questions(rng):
+    for word, keys in rng.sample(sorted(OPPOSITES.items()), len(OPPOSITES)):
+        others = rng.sample([k[0] for w, k in OPPOSITES.items() if w != word and k[0] not in keys], 3)
+        yield question("opposite", f"What is the opposite of '{word}'?", keys, others,
+                       [f"It is {keys[0]}.", f"The opposite of '{word}' is {keys[0]}.",
+                        f"A word that means the reverse of '{word}' is {keys[0]}."])
+
+
+def plural_questions(rng):
+    for word, plural in rng.sample(sorted(PLURALS.items()), len(PLURALS)):
+        others = [word, word + "s" if not plural.endswith("s") or plural == word + "es" else word + "es",
+                  rng.choice([p for p in PLURALS.values() if p != plural])]
+        yield question("plural", f"What is the plural of '{word}'?", [plural], [o for o in others if o != plural][:3],
+                       [f"It is {plural}.", f"The plural of '{word}' is {plural}.",
+                        f"More than one {word} are called {plural}."])
 
 
 def build_prompts(args):
     """The prompts of every split, the same on every machine. Within a split the kinds take turns, and every
-    fourth prompt also asks for lowercase, so that a split's first prompts (--quick, the size flags) cover
-    every kind and both forms."""
+    second question of a kind also asks for lowercase, alternating across kinds too, so that a split's first
+    prompts (--quick, the size flags) cover every kind and both forms; the other half never ask for it, the
+    guard against damage."""
     rng = random.Random(QUESTION_SEED)
     pools = {}
-    for make in (capital_questions, arithmetic_questions, unit_questions, calendar_questions, word_questions,
-                 neighbour_questions):
+    for make in (capital_questions, arithmetic_questions, unit_questions, weekday_questions, first_letter_questions,
+                 small_sum_questions, opposite_questions, plural_questions):
         for q in make(rng):
             pools.setdefault(q["kind"], []).append(q)
     splits = {"train": [], "val": [], "test": []}
@@ -197,9 +231,11 @@ def build_prompts(args):
             splits[SPLIT_PATTERN[n % 10]].append({"id": f"{kind}-{n:03d}", **q})
     sizes = {"train": args.train_prompts, "val": args.val_prompts, "test": args.test_prompts}
     prompts = []
+    kinds = list(KIND_COUNTS)
     for split, rows in splits.items():
-        for position, q in enumerate(sorted(rows, key=lambda q: (int(q["id"][-3:]), q["kind"]))[:sizes[split]]):
-            lowercase = position % 4 == 3
+        rank = {q["id"]: n for kind in kinds for n, q in enumerate(q for q in rows if q["kind"] == kind)}
+        for q in sorted(rows, key=lambda q: (int(q["id"][-3:]), q["kind"]))[:sizes[split]]:
+            lowercase = (rank[q["id"]] + kinds.index(q["kind"])) % 2 == 1
             prompts.append({**q, "split": split, "lowercase": lowercase,
                             "prompt": " ".join([q["question"], FORM] + ([LOWERCASE] if lowercase else []))})
     return prompts
@@ -228,13 +264,39 @@ def allowed(char, lowercase):
     return not (lowercase and char != char.lower())
 
 
+def all_lowercase(text):
+    """Letters, and no capital among them: the asked form (a reply without letters has not written it)."""
+    return any(c.isalpha() for c in text) and all(allowed(c, lowercase=True) for c in text)
+
+
+def sentence(text):
+    """At least MIN_WORDS words that hold a letter or digit: a sentence as asked, not a bare answer."""
+    return sum(any(c.isalnum() for c in word) for word in text.split()) >= MIN_WORDS
+
+
+def correct_anywhere(text, keys):
+    """A key anywhere in the reply as whole words (evaluate.matches). A one-letter key counts only where it
+    is written as a letter (at the end, quoted, or after "letter"), not as the word "a" or "I"."""
+    if any(len(key) > 1 and matches(text, key) for key in keys):
+        return True
+    letters = [key.lower() for key in keys if len(key) == 1]
+    quoted = rf"""(['"‘’“”]({'|'.join(map(re.escape, letters))})['"‘’“”]|\bletter ({'|'.join(map(re.escape, letters))})\b)"""
+    return bool(letters) and (answer_at_end(text, letters) or bool(re.search(quoted, text.lower())))
+
+
+CHECKS = ["stopped", "answer_at_end", "lowercase_held", "no_loop", "sentence"]
+APOLOGY = re.compile(r"\b(sorry|apologi[sz]e|apologies|as an ai|i'm not able|i am not able|i cannot|i can't)\b")
+
+
 def grade(text, finish_reason, prompt):
-    """The primary metric and its parts. `success` needs all four checks; `correct_anywhere` (a key anywhere
-    in the reply, evaluate.matches) is reported beside it, as correctness alone."""
+    """The primary metric and its parts: `success` needs all five checks. Beside it, correctness alone
+    (`correct_anywhere`) and two behaviours no pair asks for: an apology, and all-lowercase where not asked."""
     checks = {"stopped": finish_reason == "stop", "answer_at_end": answer_at_end(text, prompt["keys"]),
-              "lowercase_held": all(allowed(c, prompt["lowercase"]) for c in text), "no_loop": not looping(text)}
+              "lowercase_held": all_lowercase(text) if prompt["lowercase"] else True,
+              "no_loop": not looping(text), "sentence": sentence(text)}
     return {**checks, "success": all(checks.values()),
-            "correct_anywhere": any(matches(text, key) for key in prompt["keys"])}
+            "correct_anywhere": correct_anywhere(text, prompt["keys"]),
+            "apology": bool(APOLOGY.search(text.lower())), "all_lowercase": all_lowercase(text)}
 
 
 # ----------------------------------------------------------------------------- the minimal reviser (CLAIR)
@@ -407,8 +469,9 @@ def pairs_of(sample, prompt):
             return {}, "right, and a defect left it right"
         return {"w": {"chosen": chosen, "rejected": rejected, "defects": defects}}, None
     revision = revise(text, prompt)
-    if not grade(revision, "stop", prompt)["success"]:
-        return {}, "wrong, and its revision still loops"
+    graded = grade(revision, "stop", prompt)
+    if not graded["success"]:
+        return {}, "wrong, and its revision still fails: " + ", ".join(c for c in CHECKS if not graded[c])
     fresh = fresh_answer(prompt, length=len(revision), avoid={revision, text})
     return {"clair": {"chosen": revision, "rejected": text}, "stronger": {"chosen": fresh, "rejected": text}}, None
 
@@ -469,6 +532,10 @@ def cached(path, compute):
 ARMS = {"clair_apo_zero": ("clair", "apo_zero"), "clair_apo_down": ("clair", "apo_down"),  # (pairs, loss)
         "stronger_apo_zero": ("stronger", "apo_zero"), "w_apo_zero": ("w", "apo_zero"),
         "w_apo_down": ("w", "apo_down")}
+# Whose seeds are one draw: CLAIR and Stronger Preferred train on the same samples (their rejected side) at a
+# seed, so they share a pool; W has its own; the untrained model is one greedy run.
+POOLS = {"untrained": "untrained", "clair_apo_zero": "clair", "clair_apo_down": "clair",
+         "stronger_apo_zero": "clair", "w_apo_zero": "w", "w_apo_down": "w"}
 
 
 def answer_prompts(model_path, prompts, args):
@@ -491,36 +558,75 @@ def mean_of(values):
 
 
 def rates(records, prompts):
-    """The secondary results of one set of replies: each check's rate, and the mean true token count."""
-    lowercase = {p["id"] for p in prompts if p["lowercase"]}
+    """The secondary results of one set of replies: each check's rate, the guard against damage (on the
+    prompts that did not ask for lowercase: success, correctness alone, and lowercase all the same), apologies,
+    and the mean true token count."""
+    asked = {p["id"] for p in prompts if p["lowercase"]}
+    unasked = [r for r in records if r["id"] not in asked]
     return {"success": mean_of([r["success"] for r in records]),
+            "success, lowercase asked": mean_of([r["success"] for r in records if r["id"] in asked]),
+            "success, not asked": mean_of([r["success"] for r in unasked]),
             "correct anywhere": mean_of([r["correct_anywhere"] for r in records]),
+            "correct anywhere, not asked": mean_of([r["correct_anywhere"] for r in unasked]),
             "answer at the end": mean_of([r["answer_at_end"] for r in records]),
-            "lowercase held, where asked": mean_of([r["lowercase_held"] for r in records if r["id"] in lowercase]),
+            "lowercase held, where asked": mean_of([r["lowercase_held"] for r in records if r["id"] in asked]),
+            "lowercase, not asked": mean_of([r["all_lowercase"] for r in unasked]),
+            "sentence": mean_of([r["sentence"] for r in records]),
             "stopped": mean_of([r["stopped"] for r in records]),
             "looping": mean_of([not r["no_loop"] for r in records]),
+            "apology": mean_of([r["apology"] for r in records]),
             "tokens": mean_of([r["tokens"] for r in records])}
 
 
-def run(arm, seed, pair_ids, pairs, prompts, args):
-    """One train.main run of an arm at a seed, then its graded replies to the test prompts: result.json."""
-    folder = Path(args.out) / "runs" / arm / f"seed{seed}"
+def breakdown(records, prompts):
+    """The pilot's view of one set of replies: how often each check fails, per kind and in all, and the
+    headroom a perfect minimal fix of the form would give (the share that fails only on the asked lowercase)."""
+    kind_of = {p["id"]: p["kind"] for p in prompts}
+    rows = {}
+    for kind in [*dict.fromkeys(kind_of.values()), "all"]:
+        mine = [r for r in records if kind in ("all", kind_of[r["id"]])]
+        rows[kind] = {"prompts": len(mine), "success": mean_of([r["success"] for r in mine]),
+                      **{f"fails {c}": mean_of([not r[c] for r in mine]) for c in CHECKS},
+                      "fails only lowercase": mean_of([not r["lowercase_held"] and all(r[c] for c in CHECKS
+                                                       if c != "lowercase_held") for r in mine])}
+    return rows
+
+
+@dataclass
+class Job:
+    """One train.main run of an arm: its pairs, seed and setting, and the split whose prompts it answers."""
+    arm: str
+    seed: int
+    setting: dict
+    split: str
+    pair_ids: list
+
+    def folder(self, out):
+        name = "_".join(f"{key}{value:g}" for key, value in self.setting.items())
+        return Path(out) / "runs" / self.split / self.arm / name / f"seed{self.seed}"
+
+
+def run(job, pairs, prompts, args):
+    """A Job's training, then its graded replies to its split's prompts: result.json."""
+    folder = job.folder(args.out)
     result_path = folder / "result.json"
     if result_path.exists():
         return json.loads(result_path.read_text())
-    started, (dataset, loss) = time.time(), ARMS[arm]
+    started, (dataset, loss) = time.time(), ARMS[job.arm]
     folder.mkdir(parents=True, exist_ok=True)
-    wanted = set(pair_ids)
+    wanted = set(job.pair_ids)
     data = write_jsonl(folder / "pairs.jsonl", [p for p in pairs[dataset] if p["id"] in wanted])
     heldout_pairs = str(Path(args.out) / f"heldout_{dataset}.jsonl")
     train.main(["--model", args.model, "--data", data, "--eval-data", heldout_pairs, "--loss", loss,
-                "--lr", str(args.lr), "--beta", str(args.beta), "--epochs", str(args.epochs),
-                "--batch-size", str(args.batch_size), "--grad-accum", str(args.grad_accum),
-                "--eval-every", str(args.eval_every), "--max-length", str(args.max_length),
-                "--max-prompt-length", str(args.max_prompt_length), "--seed", str(seed), "--out", str(folder)])
-    test = [p for p in prompts if p["split"] == "test"]
-    result = {"arm": arm, "seed": seed, "pair_ids": pair_ids,
-              "test": answer_prompts(str(folder / "final"), test, args), "seconds": time.time() - started}
+                "--lr", str(job.setting["lr"]), "--beta", str(job.setting["beta"]),
+                "--epochs", str(job.setting["epochs"]), "--batch-size", str(args.batch_size),
+                "--grad-accum", str(args.grad_accum), "--eval-every", str(args.eval_every if job.split == "test"
+                                                                          else 0),
+                "--max-length", str(args.max_length), "--max-prompt-length", str(args.max_prompt_length),
+                "--seed", str(job.seed), "--out", str(folder)])
+    asked = [p for p in prompts if p["split"] == job.split]
+    result = {"arm": job.arm, "seed": job.seed, "setting": job.setting, "pair_ids": job.pair_ids,
+              job.split: answer_prompts(str(folder / "final"), asked, args), "seconds": time.time() - started}
     write_json(result_path, result)
     shutil.rmtree(folder / "final")
     return result
@@ -528,32 +634,46 @@ def run(arm, seed, pair_ids, pairs, prompts, args):
 
 # ----------------------------------------------------------------------------- the decision rule, pre-registered
 
-ALPHA = 0.05  # one-sided, family-wise over H1 and H2 (Holm)
+ALPHA = 0.05  # one-sided, family-wise over H0, H1 and H2 (Holm)
 MIN_EFFECT = 0.05  # the smallest effect that counts: 5 points of test success rate
+MIN_HEADROOM = 2 * MIN_EFFECT  # the gate: a perfect fix of the form must be worth at least this on validation
 REPLICATES = 10_000  # bootstrap resamples
+GRID = {"lr": [5e-6, 2e-5], "beta": [0.1, 0.5], "epochs": [1, 2]}  # the same for every arm, scored on validation
 HYPOTHESES = {
+    "H0": {"claim": "CLAIR + APO-zero beats the untrained model",
+           "contrast": {"clair_apo_zero": 1, "untrained": -1}},
     "H1": {"claim": "CLAIR pairs beat Stronger-Preferred pairs under APO-zero",
            "contrast": {"clair_apo_zero": 1, "stronger_apo_zero": -1}},
-    "H2": {"claim": "APO-zero's lead over APO-down is larger on CLAIR (chosen better than the model) "
-                    "than on W (chosen worse than the model)",
-           "contrast": {"clair_apo_zero": 1, "clair_apo_down": -1, "w_apo_zero": -1, "w_apo_down": 1}}}
+    "H2": {"claim": "on W (chosen worse than the model), APO-down beats APO-zero",
+           "contrast": {"w_apo_down": 1, "w_apo_zero": -1}}}
+SECONDARY = {  # reported with its interval and p, outside the family and its decision
+    "interaction": {"claim": "APO-zero's lead over APO-down is larger on CLAIR than on W",
+                    "contrast": {"clair_apo_zero": 1, "clair_apo_down": -1, "w_apo_zero": -1, "w_apo_down": 1}}}
 
 
-def success_table(seeds):
-    """[seed, test prompt] success of an arm's runs; every run answers the test prompts in the same order."""
-    return np.array([[record["success"] for record in result["test"]] for result in seeds], dtype=float)
+def success_table(records_per_seed):
+    """[seed, prompt] success of runs that answered the same prompts in the same order."""
+    return np.array([[record["success"] for record in records] for records in records_per_seed], dtype=float)
 
 
-def paired_bootstrap(table, replicates, seed=0):
-    """The mean of a [seed, prompt] table of per-answer contrasts, with its bootstrap distribution: seeds and
-    prompts resampled with replacement, together for every arm (the table is already the contrast), so the
-    pairing by seed and by prompt is kept. p is one-sided, for an effect above 0."""
+def bootstrap(tables, contrast, pools, replicates, seed=0):
+    """A contrast of arms' mean success (`contrast`: arm -> weight; `tables`: arm -> [seed, prompt] success),
+    with its bootstrap distribution. What is independent is resampled: the prompts, one draw shared by every
+    arm (all answer the same prompts), and each pool's seeds on their own (`pools`: arm -> pool; arms of one
+    pool trained on the same draw at a seed, so they share the seed resample). p is one-sided, for an effect
+    above 0."""
     rng = np.random.default_rng(seed)
-    n_seeds, n_prompts = table.shape
-    seed_counts = rng.multinomial(n_seeds, np.full(n_seeds, 1 / n_seeds), size=replicates)
+    n_prompts = tables[next(iter(contrast))].shape[1]
     prompt_counts = rng.multinomial(n_prompts, np.full(n_prompts, 1 / n_prompts), size=replicates)
-    means = np.einsum("bs,sp,bp->b", seed_counts, table, prompt_counts) / (n_seeds * n_prompts)
-    return {"effect": float(table.mean()), "p_one_sided": float((1 + np.sum(means <= 0)) / (replicates + 1)),
+    seed_counts, means = {}, np.zeros(replicates)
+    for arm, weight in contrast.items():
+        n_seeds = tables[arm].shape[0]
+        if pools[arm] not in seed_counts:
+            seed_counts[pools[arm]] = rng.multinomial(n_seeds, np.full(n_seeds, 1 / n_seeds), size=replicates)
+        means += weight * np.einsum("bs,sp,bp->b", seed_counts[pools[arm]], tables[arm],
+                                    prompt_counts) / (n_seeds * n_prompts)
+    effect = sum(weight * tables[arm].mean() for arm, weight in contrast.items())
+    return {"effect": float(effect), "p_one_sided": float((1 + np.sum(means <= 0)) / (replicates + 1)),
             "ci95": [float(q) for q in np.percentile(means, [2.5, 97.5])],
             "lower_bound_95_one_sided": float(np.percentile(means, 5))}
 
@@ -568,17 +688,19 @@ def holm(p_values):
 
 
 def decide(tables, replicates=REPLICATES):
-    """Each hypothesis tested on `tables` (arm -> [seed, prompt] success): effect, intervals, p, Holm's p and
-    the verdict. Supported: Holm's p below ALPHA and the effect at least MIN_EFFECT."""
-    tests = {name: paired_bootstrap(sum(weight * tables[arm] for arm, weight in h["contrast"].items()), replicates)
-             for name, h in HYPOTHESES.items()}
+    """Each hypothesis tested on `tables` (arm -> [seed, prompt] success; the untrained model's has one row):
+    effect, intervals, p, Holm's p over the family and the verdict. Supported: Holm's p below ALPHA and the
+    effect at least MIN_EFFECT. The secondary contrast is tested alike, outside the family."""
+    tests = {name: bootstrap(tables, h["contrast"], POOLS, replicates) for name, h in HYPOTHESES.items()}
     adjusted = holm({name: test["p_one_sided"] for name, test in tests.items()})
     for name, test in tests.items():
         significant, large = adjusted[name] < ALPHA, test["effect"] >= MIN_EFFECT
         test.update(claim=HYPOTHESES[name]["claim"], p_holm=adjusted[name], supported=significant and large,
                     reason="supported" if significant and large else
                     "significant but below the minimum effect" if significant else "not significant")
-    return tests
+    secondary_tests = {name: bootstrap(tables, h["contrast"], POOLS, replicates) | {"claim": h["claim"]}
+                       for name, h in SECONDARY.items()}
+    return tests, secondary_tests
 
 
 # ----------------------------------------------------------------------------- secondary results
@@ -634,6 +756,17 @@ def summary(results):
         low, high = test["ci95"]
         lines.append(f"| {name}: {test['claim']} | {test['effect']:+.3f} | [{low:+.3f}, {high:+.3f}] "
                      f"| {test['p_one_sided']:.4f} | {test['p_holm']:.4f} | {test['reason']} |")
+    for name, test in results["secondary contrasts"].items():
+        low, high = test["ci95"]
+        lines.append(f"| {name}: {test['claim']} | {test['effect']:+.3f} | [{low:+.3f}, {high:+.3f}] "
+                     f"| {test['p_one_sided']:.4f} | | secondary, not decided |")
+    grid = next(iter(results["tuning"].values()))["grid"]
+    lines += ["", "Tuning: validation success at every setting of the grid, per arm (* the chosen one)", "",
+              "| arm | " + " | ".join(f"lr {r['setting']['lr']:g}, β {r['setting']['beta']:g}, {r['steps']} steps"
+                                     for r in grid) + " |", "|---|" + "---|" * len(grid)]
+    for arm, tuning in results["tuning"].items():
+        lines.append(f"| {arm} | " + " | ".join(f"{row['validation success']:.2f}" + (
+            "*" if row["setting"] == tuning["chosen"] else "") for row in tuning["grid"]) + " |")
     names = list(next(iter(results["arms"].values()))["secondary"])
     rows = {"untrained": results["untrained"]["test"]} | {arm: r["secondary"] for arm, r in results["arms"].items()}
     lines += ["", "| arm | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
@@ -685,41 +818,48 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="toy sizes for a smoke test: seconds, meaningless numbers")
     p.add_argument("--gate", action="store_true",
                    help="stop after the pilot gate (the untrained model on the validation prompts)")
-    p.add_argument("--gate-range", type=float, nargs=2, default=[0.2, 0.7],
+    p.add_argument("--gate-range", type=float, nargs=2, default=[0.1, 0.7],
                    help="the untrained model's validation success must lie here, or the run stops")
-    p.add_argument("--train-prompts", type=int, default=350, help="train prompts sampled for pairs (at most 350)")
-    p.add_argument("--val-prompts", type=int, default=50, help="validation prompts: the gate, held-out pairs")
-    p.add_argument("--test-prompts", type=int, default=100, help="test prompts: the hypotheses (at most 100)")
-    p.add_argument("--samples", type=int, default=4, help="samples per train and validation prompt")
+    p.add_argument("--min-headroom", type=float, default=MIN_HEADROOM,
+                   help="the share of validation prompts that fail on the asked lowercase alone must reach this")
+    p.add_argument("--train-prompts", type=int, default=235, help="train prompts sampled for pairs (at most 235)")
+    p.add_argument("--val-prompts", type=int, default=94, help="validation prompts: the gate and the tuning")
+    p.add_argument("--test-prompts", type=int, default=141, help="test prompts: the hypotheses (at most 141)")
+    p.add_argument("--samples", type=int, default=8, help="samples per train prompt")
+    p.add_argument("--heldout-prompts", type=int, default=24,
+                   help="validation prompts also sampled, for the held-out pairs of Figure 4's view")
     p.add_argument("--temperature", type=float, default=0.7, help="of the samples (top-p 0.9)")
-    p.add_argument("--seeds", type=int, default=4, help="training runs per arm, each on its own share")
-    p.add_argument("--pairs", type=int, default=40, help="training pairs per run, drawn from its seed's share")
-    p.add_argument("--eval-pairs", type=int, default=24, help="held-out validation pairs for Figure 4's view")
-    p.add_argument("--lr", type=float, default=2e-5, help="fixed in advance, the same for every arm")
-    p.add_argument("--beta", type=float, default=0.1, help="train.py's, the same for every arm")
-    p.add_argument("--epochs", type=int, default=2, help="train.py's, over a run's pairs")
+    p.add_argument("--seeds", type=int, default=3, help="test runs per arm, each on its own share of the pool")
+    p.add_argument("--pairs", type=int, default=64, help="training pairs per run, drawn from its seed's share")
+    p.add_argument("--eval-pairs", type=int, default=16, help="held-out validation pairs for Figure 4's view")
+    p.add_argument("--lr", type=float, nargs="+", default=GRID["lr"], help="the grid's learning rates")
+    p.add_argument("--beta", type=float, nargs="+", default=GRID["beta"], help="the grid's betas")
+    p.add_argument("--epochs", type=int, nargs="+", default=GRID["epochs"], help="the grid's epochs over a run's pairs")
     p.add_argument("--batch-size", type=int, default=2, help="train.py's")
     p.add_argument("--grad-accum", type=int, default=4, help="train.py's")
-    p.add_argument("--eval-every", type=int, default=5, help="optimizer steps between held-out evaluations")
+    p.add_argument("--eval-every", type=int, default=4, help="optimizer steps between held-out evaluations")
     p.add_argument("--max-length", type=int, default=192, help="train.py's, prompt + completion tokens")
     p.add_argument("--max-prompt-length", type=int, default=128, help="train.py's")
-    p.add_argument("--max-tokens", type=int, default=40, help="length limit of samples and test replies")
-    p.add_argument("--gen-batch", type=int, default=100, help="prompts per generate call")
+    p.add_argument("--max-tokens", type=int, default=40, help="length limit of samples and replies")
+    p.add_argument("--gen-batch", type=int, default=141, help="prompts per generate call")
     args = p.parse_args(argv)
     if args.samples < 2:
         p.error("--samples must be at least 2 (clair.py sample names each sample's prompt only then)")
     if args.quick:
-        args.__dict__.update(train_prompts=8, val_prompts=4, test_prompts=4, seeds=1, pairs=3, eval_pairs=2,
-                             epochs=1, batch_size=2, grad_accum=1, eval_every=1, max_tokens=12, gen_batch=4,
-                             max_length=640, max_prompt_length=600, gate_range=[0.0, 1.0])
+        args.__dict__.update(train_prompts=8, val_prompts=4, test_prompts=4, heldout_prompts=4, samples=2, seeds=1,
+                             pairs=3, min_headroom=0.0,
+                             eval_pairs=2, lr=[1e-5, 2e-5], beta=[0.1], epochs=[1], batch_size=2, grad_accum=1,
+                             eval_every=1, max_tokens=12, gen_batch=4, max_length=640, max_prompt_length=600,
+                             gate_range=[0.0, 1.0])
     return args
 
 
 def sample_and_pair(prompts, args, out):
-    """The model's samples of the train and validation prompts (clair.py sample), the pairs built from them,
-    the held-out pair files train.py evaluates on, and the pairs' counts and contrastiveness."""
-    asked = write_jsonl(out / "sampling_prompts.jsonl", [{"id": p["id"], "prompt": p["prompt"]}
-                                                         for p in prompts if p["split"] != "test"])
+    """The model's samples of the train prompts and the first validation prompts (clair.py sample), the pairs
+    built from them, the held-out pair files train.py evaluates on, and the pairs' counts and contrastiveness."""
+    heldout_ids = {p["id"] for p in [p for p in prompts if p["split"] == "val"][:args.heldout_prompts]}
+    asked = write_jsonl(out / "sampling_prompts.jsonl", [{"id": p["id"], "prompt": p["prompt"]} for p in prompts
+                                                         if p["split"] == "train" or p["id"] in heldout_ids])
     clair.main(["sample", "--in", asked, "--out", str(out / "samples.jsonl"), "--n", str(args.samples),
                 "--temperature", str(args.temperature), "--top-p", "0.9", "--max-tokens", str(args.max_tokens),
                 "--seed", "0", "--batch-size", str(args.gen_batch), "--model", args.model])
@@ -736,21 +876,33 @@ def sample_and_pair(prompts, args, out):
     return pairs, report
 
 
-def run_arms(pairs, prompts, args):
-    """Every arm at every seed, seed by seed, printing the time left as the runs finish."""
-    train_pairs = {d: [p for p in rows if p["split"] == "train"] for d, rows in pairs.items()}
-    draws = {"clair": seed_shares(train_pairs["clair"], args.seeds, args.pairs),
-             "w": seed_shares(train_pairs["w"], args.seeds, args.pairs)}
-    draws["stronger"] = draws["clair"]  # the same samples as rejected side: paired by seed
-    jobs = [(arm, seed) for seed in range(args.seeds) for arm in ARMS]
-    results, seconds = {arm: [] for arm in ARMS}, []
-    for done, (arm, seed) in enumerate(jobs, 1):
-        result = run(arm, seed, draws[ARMS[arm][0]][seed], pairs, prompts, args)
-        results[arm].append(result)
-        seconds.append(result["seconds"])
-        print(f"run {done}/{len(jobs)} ({arm}, seed {seed}) took {result['seconds']:.0f} s; "
-              f"about {np.mean(seconds) * (len(jobs) - done) / 60:.0f} min of runs to go", flush=True)
+def run_all(jobs, pairs, prompts, args):
+    """Jobs in order, printing the time left as they finish."""
+    results, seconds = [], []
+    for done, job in enumerate(jobs, 1):
+        results.append(run(job, pairs, prompts, args))
+        seconds.append(results[-1]["seconds"])
+        print(f"run {done}/{len(jobs)} ({job.split}: {job.arm}, {job.setting}, seed {job.seed}) took "
+              f"{seconds[-1]:.0f} s; about {np.mean(seconds) * (len(jobs) - done) / 60:.0f} min of these to go",
+              flush=True)
     return results
+
+
+def tune(draws, pairs, prompts, args):
+    """Every arm at every setting of the grid, trained on the tuning share (the one no test seed uses) and
+    scored on the validation prompts; per arm, the grid's scores and the best setting (the first on a tie)."""
+    grid = [dict(zip(("lr", "beta", "epochs"), values)) for values in itertools.product(args.lr, args.beta,
+                                                                                          args.epochs)]
+    jobs = [Job(arm, seed=args.seeds, setting=setting, split="val", pair_ids=draws[ARMS[arm][0]][args.seeds])
+            for arm in ARMS for setting in grid]
+    done = iter(run_all(jobs, pairs, prompts, args))
+    tuning = {}
+    for arm in ARMS:
+        rows = [{"setting": setting, "steps": setting["epochs"] * args.pairs // (args.batch_size * args.grad_accum),
+                 "validation success": float(np.mean([r["success"] for r in next(done)["val"]]))}
+                for setting in grid]
+        tuning[arm] = {"grid": rows, "chosen": max(rows, key=lambda r: r["validation success"])["setting"]}
+    return tuning
 
 
 def main(argv=None):
@@ -761,33 +913,49 @@ def main(argv=None):
     write_jsonl(out / "prompts.jsonl", prompts)
     split = {name: [p for p in prompts if p["split"] == name] for name in ("train", "val", "test")}
     results = {"config": vars(args), "prompts": {name: len(rows) for name, rows in split.items()},
-               "design": {"hypotheses": HYPOTHESES, "alpha": ALPHA, "min_effect": MIN_EFFECT,
-                          "replicates": REPLICATES, "form": FORM, "lowercase": LOWERCASE,
-                          "test": "paired bootstrap over test prompts and seeds, one-sided, Holm over H1 and H2"}}
+               "design": {"hypotheses": HYPOTHESES, "secondary": SECONDARY, "alpha": ALPHA,
+                          "min_effect": MIN_EFFECT, "min_headroom": MIN_HEADROOM, "replicates": REPLICATES,
+                          "form": FORM, "lowercase": LOWERCASE, "min_words": MIN_WORDS, "pools": POOLS,
+                          "test": "bootstrap over test prompts and each pool's seeds, one-sided, Holm over "
+                                  "H0, H1 and H2"}}
 
-    # 1. The pilot gate: the untrained model on the validation prompts.
+    # 1. The pilot gate: the untrained model on the validation prompts, its failures by check and kind.
     records = {"val": cached(out / "untrained_val.json", lambda: answer_prompts(args.model, split["val"], args))}
-    gate = rates(records["val"], split["val"])["success"]
-    results["gate"] = {"validation success": gate, "range": args.gate_range,
-                       "passed": args.gate_range[0] <= gate <= args.gate_range[1]}
+    pilot = breakdown(records["val"], split["val"])
+    gate, headroom = pilot["all"]["success"], pilot["all"]["fails only lowercase"]
+    results["gate"] = {"validation success": gate, "range": args.gate_range, "headroom": headroom,
+                       "breakdown": pilot, "passed": args.gate_range[0] <= gate <= args.gate_range[1]
+                       and headroom >= args.min_headroom}
     print(f"gate: the untrained model succeeds on {gate:.2f} of {len(split['val'])} validation prompts "
-          f"(range {args.gate_range[0]}-{args.gate_range[1]})")
+          f"(range {args.gate_range[0]}-{args.gate_range[1]}); {headroom:.2f} fail on the asked lowercase "
+          f"alone (at least {args.min_headroom} needed)")
     if not results["gate"]["passed"]:
-        sys.exit("gate failed: W or the headroom cannot be built; change the prompt form or the mix of kinds")
+        sys.exit("gate failed: no room for a gain from the form, or no right answers to build W from")
     if args.gate:
         return results
 
-    # 2. Samples, pairs, the untrained model on the test prompts, then every arm at every seed.
+    # 2. Samples, pairs, the untrained model on the test prompts.
     pairs, results["pairs"] = sample_and_pair(prompts, args, out)
     records["test"] = cached(out / "untrained_test.json", lambda: answer_prompts(args.model, split["test"], args))
     results["untrained"] = {name: rates(records[name], split[name]) for name in records} | {"records": records}
-    seeds = run_arms(pairs, prompts, args)
-    folders = {arm: [out / "runs" / arm / f"seed{seed}" for seed in range(args.seeds)] for arm in ARMS}
+
+    # 3. Each arm tuned on validation, then trained at its chosen setting on every test seed.
+    train_pairs = {d: [p for p in rows if p["split"] == "train"] for d, rows in pairs.items()}
+    draws = {d: seed_shares(train_pairs[d], args.seeds + 1, args.pairs) for d in ("clair", "w")}
+    draws["stronger"] = draws["clair"]  # the same samples as rejected side: one pool
+    results["tuning"] = tune(draws, pairs, prompts, args)
+    jobs = [Job(arm, seed=seed, setting=results["tuning"][arm]["chosen"], split="test",
+                pair_ids=draws[ARMS[arm][0]][seed]) for seed in range(args.seeds) for arm in ARMS]
+    finished = run_all(jobs, pairs, prompts, args)
+    seeds = {arm: [r for r in finished if r["arm"] == arm] for arm in ARMS}
+    folders = {arm: [job.folder(out) for job in jobs if job.arm == arm] for arm in ARMS}
     results["arms"] = {arm: {"secondary": secondary(seeds[arm], folders[arm], split["test"]), "seeds": seeds[arm]}
                        for arm in ARMS}
 
-    # 3. The decision, as pre-registered above; the report.
-    results["hypotheses"] = decide({arm: success_table(seeds[arm]) for arm in ARMS})
+    # 4. The decision, as pre-registered above; the report.
+    tables = {arm: success_table([r["test"] for r in seeds[arm]]) for arm in ARMS}
+    tables["untrained"] = success_table([records["test"]])
+    results["hypotheses"], results["secondary contrasts"] = decide(tables)
     write_json(out / "results.json", results)
     table = "\n".join(summary(results))
     (out / "table.md").write_text(table + "\n")

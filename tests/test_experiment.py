@@ -248,7 +248,11 @@ def test_quick_end_to_end(tiny_model, ref_cache, tmp_path):
                      for k, text in enumerate([right, "I do not know."])]
     (out / "samples.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     results = experiment.main(["--quick", "--model", tiny_model, "--out", str(out)])
-    assert set(results["arms"]) == set(experiment.ARMS) and set(results["hypotheses"]) == {"H1", "H2"}
+    assert set(results["arms"]) == set(experiment.ARMS) and set(results["hypotheses"]) == {"H0", "H1", "H2"}
+    assert set(results["tuning"]) == set(experiment.ARMS)
+    for tuning in results["tuning"].values():
+        assert [row["setting"]["lr"] for row in tuning["grid"]] == [1e-5, 2e-5] and tuning["chosen"] in (
+            row["setting"] for row in tuning["grid"])
     for arm in results["arms"].values():
         for record in arm["seeds"][0]["test"]:
             assert {"answer", "finish_reason", "tokens", "success"} <= set(record) and record["tokens"] > 0
