@@ -1,33 +1,36 @@
-"""The controlled experiment: both of the paper's claims, pre-registered, on a task that code grades.
+"""The controlled experiment: the paper's claims, pre-registered, on a task that code grades and where minimal
+revisions can fix what the model gets wrong.
 
-    python -m experiment.controlled                       # the full run: about 80-100 min on 2 CPU cores; resumable
+    python -m experiment.controlled                       # the full run: TIME on 2 CPU cores; resumable
     python -m experiment.controlled --gate                # the pilot gate alone: the untrained model on validation
     python -m experiment.controlled --quick --model PATH  # every stage at toy sizes, the smoke test
 
 This file owns the task (questions whose answers code computes, the asked form), the primary metric, the
-three kinds of pairs built from the model's own samples, the arms and seeds, and the hypotheses with their
-decision rule. Sampling is clair.py's, training train.py's, generation clair_apo/generation.py's, answer
-normalisation evaluate.py's.
+three kinds of pairs built from the model's own samples, the arms, seeds and tuning grid, and the hypotheses
+with their decision rule. Sampling is clair.py's, training train.py's, generation clair_apo/generation.py's,
+answer normalisation evaluate.py's.
 
-- Task: 500 questions in eleven kinds (capitals, sums, differences, products, unit conversions, weekdays,
-  months, letter counts, first and last letters, neighbouring numbers), each with its key computed here,
-  split by question into 350 train, 50 validation and 100 test. Every prompt asks for one short sentence that
-  ends with the answer; a quarter also ask for lowercase letters only.
+- Task: 470 questions in ten kinds, seven whose content SmolLM2 often knows (capitals, first letters,
+  opposites, plurals, products, one-digit sums, unit conversions) and three it rarely does (two-digit sums and
+  differences, weekdays), each key computed here, split by question into 235 train, 94 validation and 141
+  test. Every prompt asks for one short sentence that ends with the answer; half also ask for lowercase
+  letters only, the form the untrained model almost never writes; the other half are the guard against damage.
 - Primary metric (`grade`): a reply succeeds when it stopped on its own (cut at the limit fails), its last
-  words equal a key after evaluate.normalise, the lowercase constraint holds where asked, and no n-gram
-  loops (`looping`).
-- Pairs, from SmolLM2's samples of the train and validation prompts (four each, temperature 0.7; samples cut
-  at the limit dropped). CLAIR: rejected = a failed sample, chosen = `revise(sample)`, its exactly smallest
-  edit into the asked form with a right answer. Stronger Preferred: the same rejected, chosen = a right
-  answer written from the prompt alone (`fresh_answer`; only its length is matched to CLAIR's chosen).
-  W: on samples that succeed, chosen = the sample with one injected defect, rejected = with two (`inject`),
-  so both sides are worse than the model.
-- Arms (ARMS), each a train.main run with the same hyperparameters, fixed in advance; 4 seeds. A seed trains
-  on one disjoint share of the pool's prompts (CLAIR and Stronger on the same samples), in its own order.
-- Decision (HYPOTHESES, `decide`): H1 CLAIR minus Stronger success under APO-zero, H2 (APO-zero minus
-  APO-down on CLAIR) minus (the same on W); each a paired bootstrap over test prompts and seeds, one-sided,
-  Holm-corrected over the two; supported when the corrected p is below ALPHA and the effect is at least
-  MIN_EFFECT. The gate: the untrained model's validation success must lie in --gate-range.
+  words equal a key after evaluate.normalise, lowercase holds where asked (letters, none capital), no n-gram
+  loops (`looping`), and it is a sentence of at least MIN_WORDS words.
+- Pairs, from SmolLM2's samples (temperature 0.7; samples cut at the limit dropped). CLAIR: rejected = a failed
+  sample, chosen = `revise(sample)`, its exactly smallest edit into the asked form with a right answer.
+  Stronger Preferred: the same rejected, chosen = a right answer written from the prompt alone
+  (`fresh_answer`; only its length is matched to CLAIR's chosen). W: on samples that succeed, chosen = the
+  sample with one injected defect, rejected = with two (`inject`), so both sides are worse than the model.
+- Arms (ARMS), each tuned on validation over the same GRID (lr, beta, epochs) on a share no test seed uses,
+  then trained at its chosen setting on 3 seeds, each a disjoint share of its pool's prompts (CLAIR and
+  Stronger share a pool: the same samples).
+- Decision (HYPOTHESES, `decide`): H0 CLAIR + APO-zero minus the untrained model, H1 CLAIR minus Stronger
+  under APO-zero, H2 APO-down minus APO-zero on W; each a bootstrap over test prompts and each pool's seeds,
+  one-sided, Holm-corrected over the three; supported when the corrected p is below ALPHA and the effect is at
+  least MIN_EFFECT. The gate: the untrained model's validation success in --gate-range, and at least
+  MIN_HEADROOM of the validation prompts failing on the asked lowercase alone.
 - Resumable: each stage writes its file last and is skipped when the file exists; reference log-probs come
   from train.py's cache; a run's checkpoint is deleted once its answers are written.
 """
@@ -233,7 +236,7 @@ def build_prompts(args):
     prompts = []
     kinds = list(KIND_COUNTS)
     for split, rows in splits.items():
-        rank = {q["id"]: n for kind in kinds for n, q in enumerate(q for q in rows if q["kind"] == kind)}
+        rank = {q["id"]: n for kind in kinds for n, q in enumerate(row for row in rows if row["kind"] == kind)}
         for q in sorted(rows, key=lambda q: (int(q["id"][-3:]), q["kind"]))[:sizes[split]]:
             lowercase = (rank[q["id"]] + kinds.index(q["kind"])) % 2 == 1
             prompts.append({**q, "split": split, "lowercase": lowercase,
@@ -274,18 +277,24 @@ def sentence(text):
     return sum(any(c.isalnum() for c in word) for word in text.split()) >= MIN_WORDS
 
 
+def one_letter(key):
+    return len(key) == 1 and key.isalpha()
+
+
 def correct_anywhere(text, keys):
     """A key anywhere in the reply as whole words (evaluate.matches). A one-letter key counts only where it
     is written as a letter (at the end, quoted, or after "letter"), not as the word "a" or "I"."""
-    if any(len(key) > 1 and matches(text, key) for key in keys):
+    if any(not one_letter(key) and matches(text, key) for key in keys):
         return True
-    letters = [key.lower() for key in keys if len(key) == 1]
-    quoted = rf"""(['"‘’“”]({'|'.join(map(re.escape, letters))})['"‘’“”]|\bletter ({'|'.join(map(re.escape, letters))})\b)"""
-    return bool(letters) and (answer_at_end(text, letters) or bool(re.search(quoted, text.lower())))
+    letters = "|".join(re.escape(key.lower()) for key in keys if one_letter(key))
+    written_as_letter = rf"""['"‘’“”]({letters})['"‘’“”]|\bletter ({letters})\b"""
+    return bool(letters) and (answer_at_end(text, letters.split("|")) or bool(re.search(written_as_letter,
+                                                                                         text.lower())))
 
 
 CHECKS = ["stopped", "answer_at_end", "lowercase_held", "no_loop", "sentence"]
-APOLOGY = re.compile(r"\b(sorry|apologi[sz]e|apologies|as an ai|i'm not able|i am not able|i cannot|i can't)\b")
+APOLOGY = re.compile(r"\b(sorry|apolog\w*|as an ai\b|i[’']m not able|i am not able|i cannot answer"
+                     r"|i can[’']t answer)")
 
 
 def grade(text, finish_reason, prompt):
@@ -578,18 +587,34 @@ def rates(records, prompts):
             "tokens": mean_of([r["tokens"] for r in records])}
 
 
+def fixed_by_lowercasing(record, prompt):
+    """Does a reply that fails succeed once lowercased: is the asked form all that it lacks?"""
+    return not record["success"] and grade(record["answer"].lower(), record["finish_reason"], prompt)["success"]
+
+
 def breakdown(records, prompts):
     """The pilot's view of one set of replies: how often each check fails, per kind and in all, and the
-    headroom a perfect minimal fix of the form would give (the share that fails only on the asked lowercase)."""
-    kind_of = {p["id"]: p["kind"] for p in prompts}
+    headroom a perfect minimal fix of the form would give (the share that succeeds once lowercased)."""
+    by_id = {p["id"]: p for p in prompts}
     rows = {}
-    for kind in [*dict.fromkeys(kind_of.values()), "all"]:
-        mine = [r for r in records if kind in ("all", kind_of[r["id"]])]
+    for kind in [*dict.fromkeys(p["kind"] for p in prompts), "all"]:
+        mine = [r for r in records if kind in ("all", by_id[r["id"]]["kind"])]
         rows[kind] = {"prompts": len(mine), "success": mean_of([r["success"] for r in mine]),
                       **{f"fails {c}": mean_of([not r[c] for r in mine]) for c in CHECKS},
-                      "fails only lowercase": mean_of([not r["lowercase_held"] and all(r[c] for c in CHECKS
-                                                       if c != "lowercase_held") for r in mine])}
+                      "fixed by lowercasing": mean_of([fixed_by_lowercasing(r, by_id[r["id"]]) for r in mine])}
     return rows
+
+
+def regraded(records, prompts):
+    """Records graded again from their text by `grade` as it is now, so that every stored check is today's.
+    The primary metric was fixed before the run: a record whose success would change is an error."""
+    by_id = {p["id"]: p for p in prompts}
+    fresh = [{**r, **grade(r["answer"], r["finish_reason"], by_id[r["id"]])} for r in records]
+    changed = [new["id"] for old, new in zip(records, fresh) if old["success"] != new["success"]]
+    if changed:
+        raise ValueError(f"success of {changed[:5]} differs from its stored value: grade's primary metric changed "
+                         "after these answers were graded")
+    return fresh
 
 
 @dataclass
@@ -610,26 +635,34 @@ def run(job, pairs, prompts, args):
     """A Job's training, then its graded replies to its split's prompts: result.json."""
     folder = job.folder(args.out)
     result_path = folder / "result.json"
+    asked = [p for p in prompts if p["split"] == job.split]
     if result_path.exists():
-        return json.loads(result_path.read_text())
+        result = json.loads(result_path.read_text())
+        if result["pair_ids"] != job.pair_ids:
+            raise ValueError(f"{result_path}: trained on other pairs than this run's (changed --seeds or --pairs?)")
+        return result | {job.split: regraded(result[job.split], asked), "steps": steps_of(folder)}
     started, (dataset, loss) = time.time(), ARMS[job.arm]
     folder.mkdir(parents=True, exist_ok=True)
     wanted = set(job.pair_ids)
     data = write_jsonl(folder / "pairs.jsonl", [p for p in pairs[dataset] if p["id"] in wanted])
     heldout_pairs = str(Path(args.out) / f"heldout_{dataset}.jsonl")
+    eval_every = args.eval_every if job.split == "test" else 0  # tuning runs: the held-out pairs at start and end
     train.main(["--model", args.model, "--data", data, "--eval-data", heldout_pairs, "--loss", loss,
                 "--lr", str(job.setting["lr"]), "--beta", str(job.setting["beta"]),
                 "--epochs", str(job.setting["epochs"]), "--batch-size", str(args.batch_size),
-                "--grad-accum", str(args.grad_accum), "--eval-every", str(args.eval_every if job.split == "test"
-                                                                          else 0),
+                "--grad-accum", str(args.grad_accum), "--eval-every", str(eval_every),
                 "--max-length", str(args.max_length), "--max-prompt-length", str(args.max_prompt_length),
                 "--seed", str(job.seed), "--out", str(folder)])
-    asked = [p for p in prompts if p["split"] == job.split]
     result = {"arm": job.arm, "seed": job.seed, "setting": job.setting, "pair_ids": job.pair_ids,
               job.split: answer_prompts(str(folder / "final"), asked, args), "seconds": time.time() - started}
     write_json(result_path, result)
     shutil.rmtree(folder / "final")
-    return result
+    return result | {"steps": steps_of(folder)}
+
+
+def steps_of(folder):
+    """The optimizer steps a train.py run took, from its metrics.jsonl."""
+    return max(row["step"] for _, row in read_jsonl(Path(folder) / "metrics.jsonl"))
 
 
 # ----------------------------------------------------------------------------- the decision rule, pre-registered
@@ -687,11 +720,22 @@ def holm(p_values):
     return adjusted
 
 
+def seed_t_interval(tables, contrast):
+    """Beside the rule, not part of it: the contrast per seed (arms of one pool at the same seed, the untrained
+    model's one run beside every seed) and its t-interval over the seeds, which ignores the prompts' variance.
+    Seeds of two pools share nothing but their number, so a contrast across pools has no such interval."""
+    if len({POOLS[arm] for arm in contrast} - {"untrained"}) > 1:
+        raise ValueError(f"{sorted(contrast)}: the arms of more than one pool have no per-seed contrast")
+    per_seed = sum(weight * tables[arm].mean(axis=1) for arm, weight in contrast.items())
+    return mean_interval(per_seed)
+
+
 def decide(tables, replicates=REPLICATES):
     """Each hypothesis tested on `tables` (arm -> [seed, prompt] success; the untrained model's has one row):
     effect, intervals, p, Holm's p over the family and the verdict. Supported: Holm's p below ALPHA and the
     effect at least MIN_EFFECT. The secondary contrast is tested alike, outside the family."""
-    tests = {name: bootstrap(tables, h["contrast"], POOLS, replicates) for name, h in HYPOTHESES.items()}
+    tests = {name: bootstrap(tables, h["contrast"], POOLS, replicates) | {"seed_t_interval": seed_t_interval(
+        tables, h["contrast"])} for name, h in HYPOTHESES.items()}
     adjusted = holm({name: test["p_one_sided"] for name, test in tests.items()})
     for name, test in tests.items():
         significant, large = adjusted[name] < ALPHA, test["effect"] >= MIN_EFFECT
@@ -747,19 +791,22 @@ def cell(stat, name):
     return f"{stat['mean']:.{digits}f}{interval}"
 
 
+def contrast_row(name, test):
+    """A hypothesis's row of the report; a secondary contrast has no Holm p and no verdict."""
+    low, high = test["ci95"]
+    decided = f"{test['p_holm']:.4f} | {test['reason']}" if "p_holm" in test else " | secondary, not decided"
+    seeds = test["seed_t_interval"]["ci95"] if "seed_t_interval" in test else None  # none across two pools
+    return (f"| {name}: {test['claim']} | {test['effect']:+.3f} | [{low:+.3f}, {high:+.3f}] | "
+            f"{test['p_one_sided']:.4f} | {decided} | " + ("[{:+.3f}, {:+.3f}]".format(*seeds) if seeds else "") + " |")
+
+
 def summary(results):
     """The hypotheses as decided, then every arm's secondary results beside the untrained model's, as markdown."""
     lines = [f"{results['prompts']['test']} test prompts, {results['config']['seeds']} seeds; mean [95% interval]",
-             "", "| hypothesis | effect | 95% interval | one-sided p | Holm's p | verdict |",
-             "|---|---|---|---|---|---|"]
-    for name, test in results["hypotheses"].items():
-        low, high = test["ci95"]
-        lines.append(f"| {name}: {test['claim']} | {test['effect']:+.3f} | [{low:+.3f}, {high:+.3f}] "
-                     f"| {test['p_one_sided']:.4f} | {test['p_holm']:.4f} | {test['reason']} |")
-    for name, test in results["secondary contrasts"].items():
-        low, high = test["ci95"]
-        lines.append(f"| {name}: {test['claim']} | {test['effect']:+.3f} | [{low:+.3f}, {high:+.3f}] "
-                     f"| {test['p_one_sided']:.4f} | | secondary, not decided |")
+             "", "| hypothesis | effect | 95% interval | one-sided p | Holm's p | verdict | seeds' t-interval |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [contrast_row(name, test) for name, test in results["hypotheses"].items()]
+    lines += [contrast_row(name, test) for name, test in results["secondary contrasts"].items()]
     grid = next(iter(results["tuning"].values()))["grid"]
     lines += ["", "Tuning: validation success at every setting of the grid, per arm (* the chosen one)", "",
               "| arm | " + " | ".join(f"lr {r['setting']['lr']:g}, β {r['setting']['beta']:g}, {r['steps']} steps"
@@ -895,14 +942,45 @@ def tune(draws, pairs, prompts, args):
                                                                                           args.epochs)]
     jobs = [Job(arm, seed=args.seeds, setting=setting, split="val", pair_ids=draws[ARMS[arm][0]][args.seeds])
             for arm in ARMS for setting in grid]
-    done = iter(run_all(jobs, pairs, prompts, args))
-    tuning = {}
-    for arm in ARMS:
-        rows = [{"setting": setting, "steps": setting["epochs"] * args.pairs // (args.batch_size * args.grad_accum),
-                 "validation success": float(np.mean([r["success"] for r in next(done)["val"]]))}
-                for setting in grid]
-        tuning[arm] = {"grid": rows, "chosen": max(rows, key=lambda r: r["validation success"])["setting"]}
+    tuning = {arm: {"grid": []} for arm in ARMS}
+    for result in run_all(jobs, pairs, prompts, args):
+        tuning[result["arm"]]["grid"].append({"setting": result["setting"], "steps": result["steps"],
+                                              "validation success": mean_of([r["success"] for r in result["val"]])})
+    for arm in ARMS:  # in the grid's order, so that the first best wins a tie
+        rows = sorted(tuning[arm]["grid"], key=lambda row: grid.index(row["setting"]))
+        tuning[arm] = {"grid": rows, "chosen": max(rows, key=lambda row: row["validation success"])["setting"]}
     return tuning
+
+
+def pilot_gate(split, args, out):
+    """The untrained model on the validation prompts, its failures by check and kind (gate.json), and whether
+    the run may go on: its success within --gate-range, and at least --min-headroom fixed by lowercasing."""
+    records = regraded(cached(out / "untrained_val.json", lambda: answer_prompts(args.model, split["val"], args)),
+                       split["val"])
+    pilot = breakdown(records, split["val"])
+    success, headroom = pilot["all"]["success"], pilot["all"]["fixed by lowercasing"]
+    gate = {"validation success": success, "range": args.gate_range, "headroom": headroom, "breakdown": pilot,
+            "passed": args.gate_range[0] <= success <= args.gate_range[1] and headroom >= args.min_headroom}
+    write_json(out / "gate.json", gate)
+    print(f"gate: the untrained model succeeds on {success:.2f} of {len(split['val'])} validation prompts "
+          f"(range {args.gate_range[0]}-{args.gate_range[1]}); lowercasing its replies would fix {headroom:.2f} "
+          f"more (at least {args.min_headroom} needed); by kind in {out / 'gate.json'}")
+    return gate, records
+
+
+def train_arms(pairs, prompts, args):
+    """Each arm tuned on validation, then trained at its chosen setting on every test seed: the tuning, and
+    per arm its test runs' results and folders, in seed order."""
+    train_pairs = {d: [p for p in rows if p["split"] == "train"] for d, rows in pairs.items()}
+    draws = {d: seed_shares(train_pairs[d], args.seeds + 1, args.pairs) for d in ("clair", "w")}
+    draws["stronger"] = draws["clair"]  # the same samples as rejected side: one pool
+    tuning = tune(draws, pairs, prompts, args)
+    jobs = [Job(arm, seed=seed, setting=tuning[arm]["chosen"], split="test", pair_ids=draws[ARMS[arm][0]][seed])
+            for seed in range(args.seeds) for arm in ARMS]
+    finished = run_all(jobs, pairs, prompts, args)
+    seeds = {arm: [r for r in finished if r["arm"] == arm] for arm in ARMS}
+    folders = {arm: [job.folder(args.out) for job in jobs if job.arm == arm] for arm in ARMS}
+    return tuning, seeds, folders
 
 
 def main(argv=None):
@@ -919,16 +997,8 @@ def main(argv=None):
                           "test": "bootstrap over test prompts and each pool's seeds, one-sided, Holm over "
                                   "H0, H1 and H2"}}
 
-    # 1. The pilot gate: the untrained model on the validation prompts, its failures by check and kind.
-    records = {"val": cached(out / "untrained_val.json", lambda: answer_prompts(args.model, split["val"], args))}
-    pilot = breakdown(records["val"], split["val"])
-    gate, headroom = pilot["all"]["success"], pilot["all"]["fails only lowercase"]
-    results["gate"] = {"validation success": gate, "range": args.gate_range, "headroom": headroom,
-                       "breakdown": pilot, "passed": args.gate_range[0] <= gate <= args.gate_range[1]
-                       and headroom >= args.min_headroom}
-    print(f"gate: the untrained model succeeds on {gate:.2f} of {len(split['val'])} validation prompts "
-          f"(range {args.gate_range[0]}-{args.gate_range[1]}); {headroom:.2f} fail on the asked lowercase "
-          f"alone (at least {args.min_headroom} needed)")
+    # 1. The pilot gate.
+    results["gate"], untrained_val = pilot_gate(split, args, out)
     if not results["gate"]["passed"]:
         sys.exit("gate failed: no room for a gain from the form, or no right answers to build W from")
     if args.gate:
@@ -936,19 +1006,12 @@ def main(argv=None):
 
     # 2. Samples, pairs, the untrained model on the test prompts.
     pairs, results["pairs"] = sample_and_pair(prompts, args, out)
-    records["test"] = cached(out / "untrained_test.json", lambda: answer_prompts(args.model, split["test"], args))
+    records = {"val": untrained_val, "test": regraded(cached(out / "untrained_test.json", lambda: answer_prompts(
+        args.model, split["test"], args)), split["test"])}
     results["untrained"] = {name: rates(records[name], split[name]) for name in records} | {"records": records}
 
     # 3. Each arm tuned on validation, then trained at its chosen setting on every test seed.
-    train_pairs = {d: [p for p in rows if p["split"] == "train"] for d, rows in pairs.items()}
-    draws = {d: seed_shares(train_pairs[d], args.seeds + 1, args.pairs) for d in ("clair", "w")}
-    draws["stronger"] = draws["clair"]  # the same samples as rejected side: one pool
-    results["tuning"] = tune(draws, pairs, prompts, args)
-    jobs = [Job(arm, seed=seed, setting=results["tuning"][arm]["chosen"], split="test",
-                pair_ids=draws[ARMS[arm][0]][seed]) for seed in range(args.seeds) for arm in ARMS]
-    finished = run_all(jobs, pairs, prompts, args)
-    seeds = {arm: [r for r in finished if r["arm"] == arm] for arm in ARMS}
-    folders = {arm: [job.folder(out) for job in jobs if job.arm == arm] for arm in ARMS}
+    results["tuning"], seeds, folders = train_arms(pairs, prompts, args)
     results["arms"] = {arm: {"secondary": secondary(seeds[arm], folders[arm], split["test"]), "seeds": seeds[arm]}
                        for arm in ARMS}
 
