@@ -1,7 +1,7 @@
 """The controlled experiment: the paper's claims, pre-registered, on a task that code grades and where minimal
 revisions can fix what the model gets wrong.
 
-    python -m experiment.controlled                       # the full run: TIME on 2 CPU cores; resumable
+    python -m experiment.controlled                       # the full run: about 1 h 40 min on 2 CPU cores; resumable
     python -m experiment.controlled --gate                # the pilot gate alone: the untrained model on validation
     python -m experiment.controlled --quick --model PATH  # every stage at toy sizes, the smoke test
 
@@ -335,8 +335,9 @@ def boundary(char):
 
 def revise(text, prompt):
     """CLAIR's chosen side: the smallest edit of `text` into the canonical form of a right answer, over every
-    key. The canonical form is a subset of what succeeds: a key as written (lowercased where lowercase is
-    asked) at the start or after a `boundary`, then only TAIL characters."""
+    key. The canonical form is the answer and the asked case: a key as written (lowercased where lowercase is
+    asked) at the start or after a `boundary`, then only TAIL characters. It does not add words or letters, so
+    a revision can still fail `sentence` or, without letters, `lowercase_held` (pairs_of leaves those out)."""
     endings = [key.lower() if prompt["lowercase"] else key for key in prompt["keys"]]
     return min((smallest_edit(text, ending=e, lowercase=prompt["lowercase"]) for e in endings),
                key=lambda result: result[0])[1]
