@@ -99,6 +99,17 @@ class Captured(torch.optim.SGD):
         self.grads = [p.grad.clone() for group in self.param_groups for p in group["params"]]
 
 
+def captured_step(model, pairs, ref, loss):
+    """train.train_step on two micro-batches of two pairs, fp32, no clipping: its logged metrics and the
+    gradients it handed the optimizer."""
+    args = train.parse_args(["--loss", loss, "--dtype", "fp32", "--max-grad-norm", "0"])
+    optimizer = Captured(model.parameters(), lr=0.0)
+    step = batching.Step(epoch=0, micro_batches=[[0, 1], [2, 3]], pairs_in_step=4)
+    logged = train.train_step(model, optimizer, step, data=train.PairSet(pairs, ref), batching=padded_pass(2).batching,
+                              args=args)
+    return logged, optimizer.grads
+
+
 def test_apo_zero_alone_is_todays_step_bit_for_bit(tiny_model):
     """--loss apo_zero (weight 1) takes the gradient of apo.apo_zero_loss's mean over the step, bit for bit."""
     tokenizer, model = models.load_model(tiny_model)
@@ -113,12 +124,8 @@ def test_apo_zero_alone_is_todays_step_bit_for_bit(tiny_model):
         (apo_zero_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, 0.1).sum() * 1 / 4).backward()
     expected = [p.grad.clone() for p in model.parameters()]
     model.zero_grad(set_to_none=True)
-    args = train.parse_args(["--loss", "apo_zero", "--dtype", "fp32", "--max-grad-norm", "0"])
-    optimizer = Captured(model.parameters(), lr=0.0)
-    step = batching.Step(epoch=0, micro_batches=[[0, 1], [2, 3]], pairs_in_step=4)
-    logged = train.train_step(model, optimizer, step, data=train.PairSet(pairs, ref), batching=padded_pass(2).batching,
-                              args=args)
-    assert all(torch.equal(a, b) for a, b in zip(optimizer.grads, expected))
+    logged, grads = captured_step(model, pairs, ref, loss="apo_zero")
+    assert all(torch.equal(a, b) for a, b in zip(grads, expected))
     assert list(logged)[:len(METRICS)] == METRICS and "nll_loss" not in logged
 
 
@@ -135,13 +142,9 @@ def test_the_step_takes_the_gradient_of_the_pooled_sft_term(tiny_model):
     nll.backward()
     expected = [p.grad.clone() for p in model.parameters()]
     model.zero_grad(set_to_none=True)
-    args = train.parse_args(["--loss", "sft", "--dtype", "fp32", "--max-grad-norm", "0"])
-    optimizer = Captured(model.parameters(), lr=0.0)
-    step = batching.Step(epoch=0, micro_batches=[[0, 1], [2, 3]], pairs_in_step=4)
-    logged = train.train_step(model, optimizer, step, data=train.PairSet(pairs, ref), batching=padded_pass(2).batching,
-                              args=args)
+    logged, grads = captured_step(model, pairs, ref, loss="sft")
     assert logged["nll_loss"] == pytest.approx(nll.item(), rel=1e-9) and logged["loss"] == logged["nll_loss"]
-    for got, want in zip(optimizer.grads, expected):
+    for got, want in zip(grads, expected):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
 
 
