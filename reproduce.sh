@@ -2,7 +2,7 @@
 # The miniature reproduction (docs/evaluation.md): SmolLM2-135M-Instruct trained for one epoch on the bundled
 # data with DPO, APO-zero and APO-down on CLAIR, and APO-zero on Stronger Preferred; same hyperparameters
 # and seed. Then Table 1, the Figure-4 plot, held-out rewards and likelihoods, and generations.
-# 46 minutes on 2 CPU cores (bash reproduce.sh); unmeasured on a GPU.
+# 31 minutes on 2 CPU cores in bf16 (docs/benchmarks.md, Timings); unmeasured on a GPU.
 set -euo pipefail
 cd "$(dirname "$0")"
 out=runs/repro
