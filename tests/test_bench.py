@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("flags, rows", [(["--gen-prompts", "8"], ["1.", "2.", "3.", "4.", "5.", "7.", "9.", "10.", "11.",
                                                                     "12."]),
                                          (["--rows", "13"], ["13."]), (["--gpu"], ["6."]),
-                                         (["--peer", "trl", "--rows", "8"], ["8."])])
+                                         (["--peer", "trl", "--rows", "8", "--peer-pairs", "4"], ["8."])])
 def test_bench_prints_its_table(tmp_path, flags, rows):
     if "--peer" in flags and importlib.util.find_spec("trl") is None:
         pytest.skip("--peer trl needs TRL (pip install trl)")
