@@ -1,6 +1,6 @@
 """Measure the training path against its targets, side by side in one run, and print a table.
 
-    python -m benchmarks.bench  # SmolLM2-135M-Instruct on the bundled CLAIR data (about 10 minutes on 2 CPU cores)
+    python -m benchmarks.bench  # SmolLM2-135M-Instruct on the bundled CLAIR data (about 20 minutes on 2 CPU cores)
     python -m benchmarks.bench --peer trl  # also TRL's DPOTrainer on the same pairs, rows 8 (pip install trl)
     python -m benchmarks.bench --tiny  # a tiny random Llama instead: the whole table in about 75 seconds
     python -m benchmarks.bench --rows 5,9  # only those rows
