@@ -607,8 +607,8 @@ def breakdown(records, prompts):
 
 
 def regraded(records, prompts):
-    """Records graded again from their text by `grade` as it is now, so that every stored check is today's.
-    The primary metric was fixed before the run: a record whose success would change is an error."""
+    """Records graded again from their text by `grade` as it is now, so that every stored check is the current
+    code's. The primary metric was fixed before the run: a record whose success would change is an error."""
     by_id = {p["id"]: p for p in prompts}
     fresh = [{**r, **grade(r["answer"], r["finish_reason"], by_id[r["id"]])} for r in records]
     changed = [new["id"] for old, new in zip(records, fresh) if old["success"] != new["success"]]

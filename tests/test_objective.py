@@ -110,7 +110,7 @@ def captured_step(model, pairs, ref, loss):
     return logged, optimizer.grads
 
 
-def test_apo_zero_alone_is_todays_step_bit_for_bit(tiny_model):
+def test_apo_zero_alone_is_the_plain_apo_zero_step_bit_for_bit(tiny_model):
     """--loss apo_zero (weight 1) takes the gradient of apo.apo_zero_loss's mean over the step, bit for bit."""
     tokenizer, model = models.load_model(tiny_model)
     models.disable_dropout(model)

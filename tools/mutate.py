@@ -126,7 +126,7 @@ TESTS = {
                    EXPERIMENT + "test_regrading_refreshes_the_checks_and_refuses_a_changed_success",
                    EXPERIMENT + "test_decision_rule_on_synthetic_arms",
                    EXPERIMENT + "test_the_decision_takes_holms_p_not_the_raw_one", EXPERIMENT + "test_t_interval"],
-    "sft": [OBJECTIVE + "test_apo_zero_alone_is_todays_step_bit_for_bit",
+    "sft": [OBJECTIVE + "test_apo_zero_alone_is_the_plain_apo_zero_step_bit_for_bit",
             OBJECTIVE + "test_the_step_takes_the_gradient_of_the_pooled_sft_term",
             OBJECTIVE + "test_the_sft_term_is_the_mean_token_nll_of_the_chosen_completions",
             OBJECTIVE + "test_micro_batching_does_not_change_the_sft_step",
